@@ -1,0 +1,1 @@
+"""The `make demo` walkthrough: a sample database and the runbook flows run against it."""

@@ -1,0 +1,121 @@
+"""The one Settings model: `runbooks.toml` (path in RUNBOOKS_CONFIG) plus RUNBOOKS_*
+environment variables, which win over the file (nested keys with `__`, e.g.
+RUNBOOKS_DATABASES__ORDERS__DSN). Each section's model lives beside the code that
+uses it; this module only assembles them and resolves target names.
+"""
+
+from __future__ import annotations
+
+import os
+import tomllib
+from pathlib import Path
+from typing import Any
+
+from pydantic import Field, ValidationError, model_validator
+from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
+
+from tasks.errors import ConfigError
+from tasks.notify import NotifySettings
+from tasks.postgres import Database, DatabaseConfig
+from tasks.encryption import EncryptionConfig
+from tasks.storage import LocalStoreConfig, Store, StoreConfig, open_store
+
+DEFAULT_CONFIG = Path("runbooks.toml")
+
+
+class Settings(BaseSettings):
+    """Everything a runbook needs to know about the systems it works on."""
+
+    model_config = SettingsConfigDict(env_prefix="RUNBOOKS_", env_nested_delimiter="__",
+                                      extra="forbid", case_sensitive=False)
+
+    databases: dict[str, DatabaseConfig] = Field(default_factory=dict)
+    stores: dict[str, StoreConfig] = Field(
+        default_factory=lambda: {"local": LocalStoreConfig(path=Path("backups"))})
+    notify: NotifySettings = Field(default_factory=NotifySettings)
+
+    @classmethod
+    def settings_customise_sources(cls, settings_cls: type[BaseSettings],
+                                   init_settings: PydanticBaseSettingsSource,
+                                   env_settings: PydanticBaseSettingsSource,
+                                   dotenv_settings: PydanticBaseSettingsSource,
+                                   file_secret_settings: PydanticBaseSettingsSource,
+                                   ) -> tuple[PydanticBaseSettingsSource, ...]:
+        # The file's content arrives as init kwargs; the environment overrides it.
+        return env_settings, init_settings
+
+    @model_validator(mode="after")
+    def _references_exist(self) -> "Settings":
+        for name, db in self.databases.items():
+            if db.store not in self.stores:
+                raise ValueError(f"databases.{name}.store: no store named {db.store!r} "
+                                 f"(configured: {', '.join(sorted(self.stores)) or 'none'})")
+        for name, st in self.stores.items():
+            if st.replica is not None and st.replica not in self.stores:
+                raise ValueError(f"stores.{name}.replica: no store named {st.replica!r}")
+            if st.replica == name:
+                raise ValueError(f"stores.{name}.replica: a store cannot be its own replica")
+        return self
+
+    def database(self, name: str) -> Database:
+        """The database target `name`, or a ConfigError that lists the known names."""
+        if name not in self.databases:
+            known = ", ".join(sorted(self.databases)) or "none configured"
+            raise ConfigError(f"unknown database {name!r} (known: {known})")
+        return Database(name, self.databases[name])
+
+    def store(self, name: str) -> StoreConfig:
+        if name not in self.stores:
+            known = ", ".join(sorted(self.stores)) or "none configured"
+            raise ConfigError(f"unknown store {name!r} (known: {known})")
+        return self.stores[name]
+
+    def open_store(self, name: str) -> Store:
+        return open_store(name, self.store(name))
+
+    def encryption(self, name: str) -> EncryptionConfig | None:
+        return self.store(name).encryption
+
+
+def config_path() -> Path:
+    return Path(os.environ.get("RUNBOOKS_CONFIG") or DEFAULT_CONFIG)
+
+
+def load_settings(path: Path | None = None) -> Settings:
+    """Load and validate the configuration; every problem names its key."""
+    explicit = path is not None or bool(os.environ.get("RUNBOOKS_CONFIG"))
+    path = path or config_path()
+    data: dict[str, Any] = {}
+    if path.is_file():
+        try:
+            data = tomllib.loads(path.read_text())
+        except tomllib.TOMLDecodeError as exc:
+            raise ConfigError(f"{path}: not valid TOML: {exc}") from None
+        except OSError as exc:
+            raise ConfigError(f"{path}: cannot read: {exc.strerror}") from None
+    elif explicit:
+        raise ConfigError(f"config file {path} not found (set RUNBOOKS_CONFIG to an existing file)")
+    try:
+        settings = Settings(**data)
+    except ValidationError as exc:
+        raise ConfigError(f"{path}: " + "; ".join(_describe(e) for e in exc.errors())) from None
+    _resolve_paths(settings, path.parent if path.is_file() else Path.cwd())
+    return settings
+
+
+def _describe(error: Any) -> str:
+    """One validation error as `key.path: what was expected` (never the input value)."""
+    loc = ".".join(str(p) for p in error["loc"] if not str(p).startswith(("function-", "tagged-union")))
+    msg = error["msg"].removeprefix("Value error, ")
+    if error["type"] == "union_tag_invalid" or error["type"] == "union_tag_not_found":
+        msg = "expected kind = \"local\" or \"s3\""
+    return f"{loc}: {msg}" if loc else msg
+
+
+def _resolve_paths(settings: Settings, base: Path) -> None:
+    """Relative paths in the file mean relative to the file, not to the caller's cwd."""
+    for st in settings.stores.values():
+        if isinstance(st, LocalStoreConfig) and not st.path.is_absolute():
+            st.path = (base / st.path).resolve()
+        if st.encryption and st.encryption.key_file and not st.encryption.key_file.is_absolute():
+            st.encryption.key_file = (base / st.encryption.key_file).resolve()

@@ -1,0 +1,379 @@
+"""Everything that touches PostgreSQL: connections, pg_dump, pg_restore, pg_amcheck,
+exact row counts and sequence values, scratch databases.
+
+The DSN is a secret: it is passed to the PostgreSQL tools through the environment
+(PGPASSWORD), never on a command line, and shown only through `mask_dsn`.
+"""
+
+from __future__ import annotations
+
+import glob
+import os
+import re
+import shutil
+import subprocess
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import psycopg
+from psycopg import sql
+from psycopg.conninfo import conninfo_to_dict, make_conninfo
+from pydantic import BaseModel, ConfigDict, Field, SecretStr
+
+from tasks.errors import DatabaseError
+
+CHUNK = 1 << 20  # bytes read from pg_dump at a time
+
+
+class DatabaseConfig(BaseModel):
+    """`[databases.<name>]`: one PostgreSQL database we back up and restore."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    dsn: SecretStr = Field(description="libpq URI or key=value DSN (a secret)")
+    bin_dir: Path | None = Field(None, description="directory with pg_dump/pg_restore/pg_amcheck")
+    schemas: list[str] = Field(default_factory=lambda: ["public"], min_length=1)
+    store: str = Field("local", description="name of the store its backups go to")
+    retention_days: int = Field(30, ge=1)
+    jobs: int = Field(2, ge=1, le=32, description="parallel pg_restore jobs")
+    compression_level: int = Field(3, ge=1, le=19, description="zstd level")
+    connect_timeout: int = Field(10, ge=1, le=300)
+
+
+@dataclass
+class Database:
+    """A configured database, resolved by name."""
+
+    name: str
+    config: DatabaseConfig
+
+    @property
+    def dsn(self) -> str:
+        return self.config.dsn.get_secret_value()
+
+    @property
+    def masked_dsn(self) -> str:
+        return mask_dsn(self.dsn)
+
+    @property
+    def dbname(self) -> str:
+        return conninfo_to_dict(self.dsn).get("dbname") or "postgres"
+
+    def describe(self) -> str:
+        return f"database '{self.name}' ({self.masked_dsn})"
+
+
+def mask_dsn(dsn: str) -> str:
+    """The DSN with its password replaced by ***, for logs and messages."""
+    try:
+        params = conninfo_to_dict(dsn)
+    except psycopg.ProgrammingError:
+        return re.sub(r"(://[^:/@]*:)[^@]*@", r"\1***@", dsn.split("?")[0])
+    if "password" in params:
+        params["password"] = "***"
+    return " ".join(f"{k}={v}" for k, v in params.items() if v is not None)
+
+
+def _scrub(text: str, db: Database) -> str:
+    """Remove the password from a message, should a tool ever echo it."""
+    secret = conninfo_to_dict(db.dsn).get("password")
+    first = (text.strip().splitlines() or [""])[0] if text else ""
+    return first.replace(str(secret), "***") if secret else first
+
+
+def connect(db: Database, dbname: str | None = None, autocommit: bool = False) -> psycopg.Connection:
+    """Open a connection (to another database on the same server if `dbname`)."""
+    params = {"connect_timeout": db.config.connect_timeout, "application_name": "prefect-runbooks"}
+    if dbname:
+        params["dbname"] = dbname
+    try:
+        return psycopg.connect(make_conninfo(db.dsn, **params), autocommit=autocommit)
+    except psycopg.OperationalError as exc:
+        # `from None`: the original carries the conninfo in its chain of causes.
+        raise DatabaseError(f"{db.describe()}: cannot connect: {_scrub(str(exc), db)}") from None
+
+
+def _tool_env(db: Database, dbname: str | None = None) -> tuple[str, dict[str, str]]:
+    """A conninfo without the password, and an environment that carries it."""
+    params = conninfo_to_dict(db.dsn)
+    password = params.pop("password", None)
+    if dbname:
+        params["dbname"] = dbname
+    params.setdefault("connect_timeout", str(db.config.connect_timeout))
+    env = dict(os.environ)
+    env.pop("PGPASSWORD", None)
+    if password:
+        env["PGPASSWORD"] = str(password)
+    return make_conninfo("", **params), env
+
+
+def find_tool(db: Database, name: str) -> Path:
+    """Locate a PostgreSQL client tool: bin_dir, then Debian's newest, then pgserver's, then PATH."""
+    if db.config.bin_dir:
+        path = db.config.bin_dir / name
+        if path.is_file():
+            return path
+        raise DatabaseError(f"{db.describe()}: {name} not found in bin_dir {db.config.bin_dir}")
+    candidates = sorted(glob.glob(f"/usr/lib/postgresql/*/bin/{name}"),
+                        key=lambda p: int(Path(p).parent.parent.name), reverse=True)
+    try:
+        import pgserver  # the embedded PostgreSQL ships its own client tools
+
+        candidates.append(str(Path(pgserver.__file__).parent / "pginstall" / "bin" / name))
+    except ImportError:  # pragma: no cover
+        pass
+    on_path = shutil.which(name)
+    if on_path:
+        candidates.append(on_path)
+    for c in candidates:
+        if Path(c).is_file() and os.access(c, os.X_OK):
+            return Path(c)
+    raise DatabaseError(f"{db.describe()}: {name} not found (install the PostgreSQL client or set bin_dir)")
+
+
+def tool_version(path: Path) -> str:
+    out = subprocess.run([str(path), "--version"], capture_output=True, text=True, timeout=30)
+    return out.stdout.strip()
+
+
+class DatabaseState(BaseModel):
+    """Exact row counts and sequence values of a database at one snapshot."""
+
+    tables: dict[str, int] = Field(default_factory=dict)
+    sequences: dict[str, int] = Field(default_factory=dict)
+    server_version: str = ""
+    size_bytes: int = 0
+
+    @property
+    def total_rows(self) -> int:
+        return sum(self.tables.values())
+
+
+def read_state(conn: psycopg.Connection, schemas: list[str]) -> DatabaseState:
+    """Exact `count(*)` of every table and the value of every sequence in `schemas`."""
+    rels = conn.execute(
+        """SELECT n.nspname, c.relname, c.relkind FROM pg_class c
+           JOIN pg_namespace n ON n.oid = c.relnamespace
+           WHERE n.nspname = ANY(%s) AND c.relkind IN ('r', 'S')
+           ORDER BY 1, 2""",
+        (schemas,),
+    ).fetchall()
+    state = DatabaseState(
+        server_version=str(conn.execute("SHOW server_version").fetchone()[0]),
+        size_bytes=int(conn.execute("SELECT pg_database_size(current_database())").fetchone()[0]),
+    )
+    for schema, name, kind in rels:
+        ident = sql.Identifier(schema, name)
+        if kind == "r":
+            q = sql.SQL("SELECT count(*) FROM {}").format(ident)
+            state.tables[f"{schema}.{name}"] = int(conn.execute(q).fetchone()[0])
+        else:
+            q = sql.SQL("SELECT CASE WHEN is_called THEN last_value ELSE last_value - 1 END FROM {}")
+            state.sequences[f"{schema}.{name}"] = int(conn.execute(q.format(ident)).fetchone()[0])
+    return state
+
+
+@dataclass
+class DumpStream:
+    """A running pg_dump: its output chunks, and the state of its snapshot."""
+
+    chunks: Iterator[bytes]
+    state: DatabaseState = field(default_factory=DatabaseState)
+    pg_dump_version: str = ""
+
+
+@contextmanager
+def dump(db: Database) -> Iterator[DumpStream]:
+    """Run `pg_dump -Fc -Z0` in an exported snapshot and yield its output as it comes.
+
+    Row counts and sequence values are read in the same snapshot, in a thread, while
+    the dump streams. On leaving, pg_dump's exit code is checked; any failure kills it.
+    """
+    pg_dump = find_tool(db, "pg_dump")
+    conn = connect(db)
+    proc: subprocess.Popen[bytes] | None = None
+    try:
+        conn.execute("BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY")
+        snapshot = str(conn.execute("SELECT pg_export_snapshot()").fetchone()[0])
+        conninfo, env = _tool_env(db)
+        stderr = _Tail()
+        proc = subprocess.Popen(
+            [str(pg_dump), "--format=custom", "--compress=0", f"--snapshot={snapshot}",
+             "--no-sync", f"--dbname={conninfo}"],
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env,
+        )
+        stderr.follow(proc.stderr)
+        result = DumpStream(chunks=iter(()), pg_dump_version=tool_version(pg_dump))
+        counted: list[BaseException] = []
+
+        def count() -> None:
+            try:
+                result.state = read_state(conn, db.config.schemas)
+            except BaseException as exc:  # noqa: BLE001 - re-raised in the caller's thread
+                counted.append(exc)
+
+        counter = threading.Thread(target=count, name="row-counts", daemon=True)
+        counter.start()
+
+        def chunks() -> Iterator[bytes]:
+            assert proc is not None and proc.stdout is not None
+            read = proc.stdout.read
+            while data := read(CHUNK):
+                yield data
+            code = proc.wait()
+            counter.join()
+            if code != 0:
+                raise DatabaseError(f"{db.describe()}: pg_dump failed (exit {code}): "
+                                    f"{_scrub(stderr.text(), db)}")
+            if counted:
+                raise DatabaseError(f"{db.describe()}: reading row counts failed: "
+                                    f"{_scrub(str(counted[0]), db)}")
+
+        result.chunks = chunks()
+        yield result
+    finally:
+        if proc is not None and proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        if proc is not None and proc.stdout:
+            proc.stdout.close()
+        conn.close()
+
+
+class _Tail:
+    """Collects the last lines a subprocess writes to stderr, without blocking it."""
+
+    def __init__(self, limit: int = 8192) -> None:
+        self._buf = b""
+        self._limit = limit
+        self._thread: threading.Thread | None = None
+
+    def follow(self, stream) -> None:  # type: ignore[no-untyped-def]
+        def pump() -> None:
+            for line in iter(stream.readline, b""):
+                self._buf = (self._buf + line)[-self._limit:]
+            stream.close()
+
+        self._thread = threading.Thread(target=pump, daemon=True)
+        self._thread.start()
+
+    def text(self) -> str:
+        if self._thread:
+            self._thread.join(timeout=5)
+        lines = self._buf.decode(errors="replace").strip().splitlines()
+        errors = [ln for ln in lines if "error" in ln.lower()] or lines
+        return " | ".join(errors[-3:])
+
+
+def restore_list(db: Database, archive: Path | None, stdin_chunks: Iterator[bytes] | None = None,
+                 timeout: float = 600) -> list[str]:
+    """`pg_restore --list`: the archive's table of contents (proves it is readable)."""
+    pg_restore = find_tool(db, "pg_restore")
+    args = [str(pg_restore), "--list"] + ([str(archive)] if archive else [])
+    proc = subprocess.Popen(args, stdin=subprocess.PIPE if archive is None else subprocess.DEVNULL,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    out, err = _feed(proc, stdin_chunks, timeout)
+    if proc.returncode != 0:
+        raise DatabaseError(f"pg_restore --list failed (exit {proc.returncode}): {_first(err)}")
+    return [ln for ln in out.decode(errors="replace").splitlines() if ln and not ln.startswith(";")]
+
+
+def _feed(proc: subprocess.Popen[bytes], chunks: Iterator[bytes] | None,
+          timeout: float) -> tuple[bytes, bytes]:
+    """Write `chunks` to the process's stdin while collecting its output."""
+    out: list[bytes] = []
+    err: list[bytes] = []
+    readers = [threading.Thread(target=lambda s=s, b=b: b.append(s.read()), daemon=True)
+               for s, b in ((proc.stdout, out), (proc.stderr, err)) if s is not None]
+    for r in readers:
+        r.start()
+    if chunks is not None and proc.stdin is not None:
+        try:
+            for chunk in chunks:
+                proc.stdin.write(chunk)
+        except BrokenPipeError:
+            pass  # the tool stopped reading (e.g. --list needs only the header)
+        finally:
+            try:
+                proc.stdin.close()
+            except BrokenPipeError:
+                pass
+    try:
+        proc.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+        raise
+    for r in readers:
+        r.join()
+    return b"".join(out), b"".join(err)
+
+
+def _first(err: bytes) -> str:
+    lines = err.decode(errors="replace").strip().splitlines()
+    errors = [ln for ln in lines if "error" in ln.lower()] or lines
+    return " | ".join(errors[:3]) or "no message"
+
+
+def create_database(db: Database, name: str) -> None:
+    """Create an empty database on the same server (fails if it exists)."""
+    with connect(db, dbname="postgres", autocommit=True) as conn:
+        conn.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
+
+
+def drop_database(db: Database, name: str) -> None:
+    """Drop a database we created (scratch databases only), if it exists."""
+    if name == db.dbname:
+        raise DatabaseError(f"{db.describe()}: refusing to drop the production database '{name}'")
+    with connect(db, dbname="postgres", autocommit=True) as conn:
+        conn.execute(sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name)))
+
+
+def database_exists(db: Database, name: str) -> bool:
+    with connect(db, dbname="postgres", autocommit=True) as conn:
+        return conn.execute("SELECT 1 FROM pg_database WHERE datname = %s", (name,)).fetchone() is not None
+
+
+def pg_restore(db: Database, target_dbname: str, archive: Path | None,
+               stdin_chunks: Iterator[bytes] | None = None, jobs: int = 1,
+               timeout: float = 6 * 3600) -> None:
+    """Restore an archive into `target_dbname` with --exit-on-error (parallel if a file)."""
+    tool = find_tool(db, "pg_restore")
+    conninfo, env = _tool_env(db, dbname=target_dbname)
+    args = [str(tool), "--exit-on-error", "--no-owner", f"--dbname={conninfo}"]
+    if archive is not None:
+        args += [f"--jobs={jobs}", str(archive)]
+    proc = subprocess.Popen(args, stdin=subprocess.PIPE if archive is None else subprocess.DEVNULL,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env)
+    _, err = _feed(proc, stdin_chunks, timeout)
+    if proc.returncode != 0:
+        raise DatabaseError(f"{db.describe()}: pg_restore into '{target_dbname}' failed "
+                            f"(exit {proc.returncode}): {_scrub(_first(err), db)}")
+
+
+def amcheck(db: Database, dbname: str, timeout: float = 3600) -> str | None:
+    """Run pg_amcheck (heap and B-tree checks) on `dbname`.
+
+    Returns None when pg_amcheck or the amcheck extension is not available here,
+    "ok" when it found nothing, and raises with its findings otherwise.
+    """
+    try:
+        tool = find_tool(db, "pg_amcheck")
+    except DatabaseError:
+        return None
+    conninfo, env = _tool_env(db, dbname=dbname)
+    with connect(db, dbname=dbname, autocommit=True) as conn:
+        available = conn.execute(
+            "SELECT 1 FROM pg_available_extensions WHERE name = 'amcheck'").fetchone()
+        if not available:
+            return None
+    proc = subprocess.run([str(tool), "--install-missing", "--heapallindexed",
+                           f"--maintenance-db={conninfo}", f"--database={dbname}"],
+                          capture_output=True, env=env, timeout=timeout)
+    if proc.returncode != 0:
+        raise DatabaseError(f"{db.describe()}: pg_amcheck found problems in '{dbname}': "
+                            f"{_scrub(_first(proc.stdout + proc.stderr), db)}")
+    return "ok"

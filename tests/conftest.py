@@ -1,0 +1,134 @@
+"""Shared fixtures: real PostgreSQL, S3/KMS through moto's server on loopback, a Prefect
+test server, and a runbooks.toml written per test."""
+
+from __future__ import annotations
+
+import os
+import socket
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import psycopg
+import pytest
+
+ADMIN_DSN = os.environ.get("RUNBOOKS_TEST_PG", "postgresql://postgres@127.0.0.1:5432/postgres")
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
+    os.environ.setdefault("XDG_RUNTIME_DIR", "/tmp")
+
+
+@pytest.fixture(scope="session", autouse=True)
+def prefect_server() -> Iterator[None]:
+    """One Prefect server (SQLite) for the session: flows run through the real engine."""
+    from prefect.testing.utilities import prefect_test_harness
+
+    with prefect_test_harness(server_startup_timeout=60):
+        yield
+
+
+def need(condition: bool, reason: str) -> None:
+    """Skip for a missing binary or service, except under CI where nothing may skip."""
+    if not condition:
+        if os.environ.get("CI") == "true":
+            pytest.fail(f"CI must provide this: {reason}")
+        pytest.skip(reason)
+
+
+def _reachable(dsn: str) -> bool:
+    try:
+        psycopg.connect(dsn, connect_timeout=3).close()
+        return True
+    except psycopg.OperationalError:
+        return False
+
+
+@pytest.fixture(scope="session")
+def pg_admin() -> str:
+    """The admin DSN of the shared PostgreSQL server."""
+    need(_reachable(ADMIN_DSN), f"PostgreSQL at {ADMIN_DSN} is not reachable")
+    return ADMIN_DSN
+
+
+@pytest.fixture
+def make_database(pg_admin: str) -> Iterator:
+    """Factory: a new empty database with a unique name; dropped (with its restore-test
+    leftovers) after the test."""
+    created: list[str] = []
+
+    def make(prefix: str = "rb_t") -> str:
+        name = f"{prefix}_{uuid.uuid4().hex[:8]}"
+        with psycopg.connect(pg_admin, autocommit=True) as conn:
+            conn.execute(f'CREATE DATABASE "{name}"')
+        created.append(name)
+        return psycopg.conninfo.make_conninfo(pg_admin, dbname=name)
+
+    yield make
+    with psycopg.connect(pg_admin, autocommit=True) as conn:
+        for name in created:
+            rows = conn.execute("SELECT datname FROM pg_database WHERE datname LIKE %s",
+                                (f"{name}%",)).fetchall()
+            for (dbname,) in rows:
+                conn.execute(f'DROP DATABASE IF EXISTS "{dbname}" WITH (FORCE)')
+
+
+@pytest.fixture
+def sample_db(make_database) -> str:
+    """A database with the demo schema and about 3,000 rows."""
+    from demo.sample_data import build
+
+    dsn = make_database()
+    build(dsn, rows=3000)
+    return dsn
+
+
+@pytest.fixture(scope="session")
+def moto_endpoint() -> Iterator[str]:
+    """S3 and KMS through moto's standalone server on loopback."""
+    from moto.server import ThreadedMotoServer
+
+    for key, value in {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
+                       "AWS_DEFAULT_REGION": "us-east-1"}.items():
+        os.environ[key] = value
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    yield f"http://127.0.0.1:{server._server.server_port}"
+    server.stop()
+
+
+@pytest.fixture
+def bucket(moto_endpoint: str) -> str:
+    import boto3
+
+    name = f"rb-{uuid.uuid4().hex[:10]}"
+    boto3.client("s3", endpoint_url=moto_endpoint, region_name="us-east-1").create_bucket(Bucket=name)
+    return name
+
+
+@pytest.fixture
+def kms_key(moto_endpoint: str) -> str:
+    import boto3
+
+    kms = boto3.client("kms", endpoint_url=moto_endpoint, region_name="us-east-1")
+    return kms.create_key(Description="runbooks test")["KeyMetadata"]["KeyId"]
+
+
+@pytest.fixture
+def write_config(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    """Factory: write a runbooks.toml and point RUNBOOKS_CONFIG at it."""
+
+    def write(text: str) -> Path:
+        path = tmp_path / "runbooks.toml"
+        path.write_text(text)
+        monkeypatch.setenv("RUNBOOKS_CONFIG", str(path))
+        return path
+
+    return write
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
