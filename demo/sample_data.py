@@ -71,20 +71,21 @@ _LAST_NAMES = [
     "Knuth", "Jones", "Berners-Lee", "Borg", "McCarthy", "Goldwasser", "Lamport",
     "Moreau", "Matsumoto", "Keller", "Wirth", "Clarke", "Diffie", "Goldberg", "Cerf",
 ]
-_AUDIT_ACTIONS = [
-    "user.login", "user.login", "user.login", "user.logout", "user.update",
-    "api_key.create", "api_key.revoke", "api_key.rate_limited",
-    "order.create", "order.create", "order.update", "order.refund",
-    "graphql.mutation", "graphql.mutation", "graphql.query_denied",
+# (action, GraphQL operation that caused it); repeats weight the common events.
+_AUDIT_EVENTS: list[tuple[str, str]] = [
+    ("user.login", "login"), ("user.login", "login"), ("user.login", "login"),
+    ("user.logout", "logout"), ("user.update", "updateUser"),
+    ("api_key.create", "createApiKey"), ("api_key.revoke", "revokeApiKey"),
+    ("api_key.rate_limited", "orders"),
+    ("order.create", "createOrder"), ("order.create", "createOrder"),
+    ("order.update", "updateOrder"), ("order.refund", "refundOrder"),
+    ("graphql.mutation", "updateUser"), ("graphql.mutation", "createOrder"),
+    ("graphql.query_denied", "adminUsers"),
 ]
 _USER_AGENTS = [
     "fraiseql-client/1.4.2 (python)", "fraiseql-client/1.5.0 (python)",
     "Apollo/3.9 (web)", "urql/4.0 (web)", "curl/8.5.0", "okhttp/4.12.0 (android)",
     "CFNetwork/1490 (ios)",
-]
-_GRAPHQL_OPERATIONS = [
-    "createOrder", "updateOrder", "refundOrder", "createApiKey", "revokeApiKey",
-    "updateUser", "login", "logout",
 ]
 
 
@@ -379,15 +380,14 @@ SELECT id, order_id, sku, quantity, unit_price_cents FROM _sample_order_items
 
 _AUDIT_LOGS_SQL = """
 INSERT INTO public.audit_logs (id, actor_user_id, action, target, details, created_at)
-SELECT s.g,
-       CASE WHEN s.r_actor >= 0.08 THEN 1 + floor((s.r_actor - 0.08) / 0.92 * %(users)s::bigint)::bigint END,
-       s.action,
+SELECT s.g, s.actor_user_id, s.action,
        CASE WHEN s.action LIKE 'order.%%' AND %(orders)s::bigint > 0
                 THEN 'order:' || (1 + floor(s.r_target * %(orders)s::bigint)::bigint)
             WHEN s.action LIKE 'api_key.%%' AND %(api_keys)s::bigint > 0
                 THEN 'api_key:' || (1 + floor(s.r_target * %(api_keys)s::bigint)::bigint)
             WHEN s.action LIKE 'graphql.%%' THEN 'graphql:' || s.operation
-            ELSE 'user:' || (1 + floor(s.r_target * %(users)s::bigint)::bigint) END,
+            ELSE 'user:' || coalesce(s.actor_user_id, 1 + floor(s.r_target * %(users)s::bigint)::bigint)
+       END,
        jsonb_build_object(
            'ip', format('10.%%s.%%s.%%s', (s.ip >> 16) & 255, (s.ip >> 8) & 255, s.ip & 255),
            'user_agent', s.user_agent,
@@ -397,18 +397,26 @@ SELECT s.g,
        ),
        %(anchor)s::timestamptz - s.r_created * interval '90 days'
 FROM (
-    SELECT g,
-           random() AS r_actor,
-           (%(actions)s::text[])[1 + floor(random() * cardinality(%(actions)s::text[]))::int] AS action,
-           random() AS r_target,
-           floor(random() * 16777216)::int AS ip,
-           (%(agents)s::text[])[1 + floor(random() * cardinality(%(agents)s::text[]))::int] AS user_agent,
-           md5(random()::text) AS request_id,
-           (%(operations)s::text[])[1 + floor(random() * cardinality(%(operations)s::text[]))::int] AS operation,
-           random() AS r_duration,
-           random() AS r_created
-    FROM generate_series(1::bigint, %(n)s::bigint) AS g
-    OFFSET 0
+    SELECT e.g,
+           CASE WHEN e.r_actor >= 0.08  -- 8%% are system actions with no actor
+                THEN 1 + floor((e.r_actor - 0.08) / 0.92 * %(users)s::bigint)::bigint
+           END AS actor_user_id,
+           (%(actions)s::text[])[e.event] AS action,
+           (%(operations)s::text[])[e.event] AS operation,
+           e.r_target, e.ip, e.user_agent, e.request_id, e.r_duration, e.r_created
+    FROM (
+        SELECT g,
+               random() AS r_actor,
+               1 + floor(random() * cardinality(%(actions)s::text[]))::int AS event,
+               random() AS r_target,
+               floor(random() * 16777216)::int AS ip,
+               (%(agents)s::text[])[1 + floor(random() * cardinality(%(agents)s::text[]))::int] AS user_agent,
+               md5(random()::text) AS request_id,
+               random() AS r_duration,
+               random() AS r_created
+        FROM generate_series(1::bigint, %(n)s::bigint) AS g
+        OFFSET 0
+    ) AS e
 ) AS s
 """
 
@@ -466,9 +474,9 @@ def populate(
             {
                 **params,
                 "n": plan["audit_logs"],
-                "actions": _AUDIT_ACTIONS,
+                "actions": [action for action, _ in _AUDIT_EVENTS],
+                "operations": [operation for _, operation in _AUDIT_EVENTS],
                 "agents": _USER_AGENTS,
-                "operations": _GRAPHQL_OPERATIONS,
             },
         )
         # Ids were given explicitly; move each bigserial sequence past them so the

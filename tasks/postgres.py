@@ -8,6 +8,7 @@ The DSN is a secret: it is passed to the PostgreSQL tools through the environmen
 from __future__ import annotations
 
 import glob
+import importlib.util
 import os
 import re
 import shutil
@@ -119,12 +120,10 @@ def find_tool(db: Database, name: str) -> Path:
         raise DatabaseError(f"{db.describe()}: {name} not found in bin_dir {db.config.bin_dir}")
     candidates = sorted(glob.glob(f"/usr/lib/postgresql/*/bin/{name}"),
                         key=lambda p: int(Path(p).parent.parent.name), reverse=True)
-    try:
-        import pgserver  # the embedded PostgreSQL ships its own client tools
-
-        candidates.append(str(Path(pgserver.__file__).parent / "pginstall" / "bin" / name))
-    except ImportError:  # pragma: no cover
-        pass
+    embedded = importlib.util.find_spec("pgserver")  # ships its own client tools; not imported
+    if embedded and embedded.submodule_search_locations:
+        for loc in embedded.submodule_search_locations:
+            candidates.append(str(Path(loc) / "pginstall" / "bin" / name))
     on_path = shutil.which(name)
     if on_path:
         candidates.append(on_path)

@@ -1,0 +1,177 @@
+"""`runbooks`: check the configuration, look at backups, run a runbook now, or serve
+every deployment. Errors are one line on stderr (exit 2), never a traceback."""
+
+from __future__ import annotations
+
+from deployments.environment import quiet_prefect
+
+quiet_prefect()
+
+import sys  # noqa: E402
+from datetime import datetime, timezone  # noqa: E402
+from typing import Optional  # noqa: E402
+
+import typer  # noqa: E402
+from rich.console import Console  # noqa: E402
+from rich.table import Table  # noqa: E402
+
+from tasks import backups, postgres  # noqa: E402
+from tasks.config import config_path, load_settings  # noqa: E402
+from tasks.errors import RunbookError  # noqa: E402
+from tasks.report import first_line, human_bytes  # noqa: E402
+
+app = typer.Typer(help="Runbook and disaster-recovery automation on Prefect.",
+                  no_args_is_help=True, pretty_exceptions_enable=False, add_completion=False)
+config_app = typer.Typer(help="Check the configuration.", no_args_is_help=True)
+backups_app = typer.Typer(help="What the backup stores hold.", no_args_is_help=True)
+app.add_typer(config_app, name="config")
+app.add_typer(backups_app, name="backups")
+# Wide when piped (a log, a ticket), so ids and DSNs are never cut.
+out = Console(width=None if sys.stdout.isatty() else 200, soft_wrap=True)
+err = Console(stderr=True, soft_wrap=True)
+
+
+@config_app.command("check")
+def config_check() -> None:
+    """Validate runbooks.toml and try every database and store (one line each)."""
+    settings = load_settings()
+    out.print(f"config: {config_path()} ok")
+    failed = 0
+    for name in sorted(settings.databases):
+        db = settings.database(name)
+        try:
+            with postgres.connect(db) as conn:
+                version = conn.execute("SHOW server_version").fetchone()[0]
+            tool = postgres.find_tool(db, "pg_dump")
+            out.print(f"database {name}: ok (PostgreSQL {version}, {db.masked_dsn}, {tool})")
+        except RunbookError as exc:
+            failed += 1
+            out.print(f"database {name}: [red]FAILED[/red] {first_line(exc)}")
+    for name in sorted(settings.stores):
+        try:
+            store = settings.open_store(name)
+            store.check()
+            out.print(f"store {name}: ok ({store.describe()})")
+        except RunbookError as exc:
+            failed += 1
+            out.print(f"store {name}: [red]FAILED[/red] {first_line(exc)}")
+    if failed:
+        raise typer.Exit(1)
+
+
+def _age(when: datetime) -> str:
+    seconds = (datetime.now(timezone.utc) - when).total_seconds()
+    for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
+        if seconds >= size:
+            return f"{seconds / size:.0f}{unit}"
+    return f"{seconds:.0f}s"
+
+
+@backups_app.command("list")
+def backups_list(store: Optional[str] = typer.Option(None, help="only this store"),
+                 database: Optional[str] = typer.Option(None, help="only this database")) -> None:
+    """Backups in each store, newest first: size, age, verified or not."""
+    settings = load_settings()
+    if database:
+        settings.database(database)
+    names = [store] if store else sorted(settings.stores)
+    for name in names:
+        entries = backups.list_backups(settings.open_store(name), database)
+        table = Table(title=f"store {name}", title_justify="left")
+        for col in ("backup id", "database", "taken (UTC)", "age", "size", "rows", "verified"):
+            table.add_column(col, justify="right" if col in ("size", "rows", "age") else "left")
+        for b in entries:
+            m, v = b.manifest, b.verification
+            verified = ("[green]yes[/green]" if b.verified else
+                        "[red]FAILED[/red]" if v else "not yet")
+            table.add_row(m.id, m.database, f"{m.finished_at:%Y-%m-%d %H:%M}", _age(m.finished_at),
+                          human_bytes(m.stored_bytes), str(m.total_rows), verified)
+        if entries:
+            out.print(table)
+        else:
+            out.print(f"store {name}: no backups")
+
+
+@backups_app.command("show")
+def backups_show(backup_id: str, store: Optional[str] = typer.Option(None, help="look only here")) -> None:
+    """Everything the manifest and the latest restore test say about one backup."""
+    backups.check_backup_id(backup_id)
+    settings = load_settings()
+    for name in [store] if store else sorted(settings.stores):
+        st = settings.open_store(name)
+        if st.head(backups.manifest_key(backup_id)) is None:
+            continue
+        m = backups.load_manifest(st, backup_id)
+        v = backups.load_verification(st, backup_id)
+        out.print(f"[bold]{m.id}[/bold] in {st.describe()}")
+        rows = [("database", f"{m.database} ({m.dbname}, PostgreSQL {m.server_version})"),
+                ("taken", f"{m.started_at:%Y-%m-%d %H:%M:%S} -> {m.finished_at:%H:%M:%S} UTC "
+                          f"({_age(m.finished_at)} ago)"),
+                ("object", m.object_key),
+                ("format", f"pg_dump {m.format}, {m.compression} level {m.compression_level}"),
+                ("encryption", f"{m.encryption} ({m.key_id})" if m.encryption else "none (client-side)"),
+                ("sizes", f"database {human_bytes(m.db_size_bytes)}, dump {human_bytes(m.dump_bytes)}, "
+                          f"stored {human_bytes(m.stored_bytes)}"),
+                ("throughput", f"{m.throughput_mb_s:.1f} MB/s over {m.duration_seconds:.1f} s"),
+                ("sha256", m.sha256),
+                ("integrity", f"checked {m.integrity_checked_at:%Y-%m-%d %H:%M} UTC, "
+                              f"{m.toc_entries} archive entries" if m.integrity_checked_at else "not checked"),
+                ("replica", f"{m.replica.store} (sha256 verified {m.replica.copied_at:%Y-%m-%d %H:%M})"
+                            if m.replica else "none"),
+                ("verified", ("yes" if v.passed else "FAILED") + f", {v.checked_at:%Y-%m-%d %H:%M} UTC, "
+                             f"{v.time_to_verified_seconds:.1f} s to verified" if v else "not yet")]
+        for k, val in rows:
+            out.print(f"  {k:<11} {val}")
+        if v and v.mismatches:
+            out.print(f"  {'problems':<11} " + "; ".join(v.mismatches))
+        out.print(f"  {'tables':<11} " + ", ".join(f"{t}={n}" for t, n in m.tables.items()))
+        return
+    raise RunbookError(f"no backup {backup_id!r} in " + (f"store {store!r}" if store else "any configured store"))
+
+
+@app.command("backup")
+def run_backup(database: str, dry_run: bool = typer.Option(False, "--dry-run")) -> None:
+    """Back up DATABASE now (the backup-database flow)."""
+    from flows.backup_database import backup_database
+
+    backup_database(database=database, dry_run=dry_run)
+
+
+@app.command("restore-test")
+def run_restore_test(database: str, backup_id: Optional[str] = typer.Option(None, "--backup-id")) -> None:
+    """Restore-test DATABASE's newest backup (or --backup-id) now."""
+    from flows.restore_test import restore_test
+
+    restore_test(database=database, backup_id=backup_id)
+
+
+@app.command("retention")
+def run_retention(database: Optional[str] = typer.Option(None),
+                  dry_run: bool = typer.Option(False, "--dry-run")) -> None:
+    """Apply backup retention now (--dry-run lists what would go)."""
+    from flows.backup_retention import backup_retention
+
+    backup_retention(database=database, dry_run=dry_run)
+
+
+@app.command("serve")
+def serve() -> None:
+    """Serve every deployment in prefect.yaml from this process (schedules included)."""
+    from deployments.serve import serve_all
+
+    serve_all()
+
+
+def main() -> None:
+    try:
+        app()
+    except RunbookError as exc:
+        err.print(f"[red]error:[/red] {first_line(exc)}", highlight=False)
+        sys.exit(2)
+    except Exception as exc:  # a failed flow run: Prefect has logged it already
+        err.print(f"[red]failed:[/red] {first_line(exc)}", highlight=False)
+        sys.exit(1)
+
+
+if __name__ == "__main__":
+    main()
