@@ -15,7 +15,7 @@ indexes, skewed distributions), at a size chosen on the command line, so:
 * API keys are stored as SHA-256 hashes and a display prefix only, as a real
   API would: the raw key exists only inside the generating expression.
 
-Usage: ``python -m demo.sample_data DSN --rows N``.
+Usage: ``python -m demo.sample_data DSN [--rows N | --size-mb MB] [--seed S]``.
 """
 
 from __future__ import annotations
@@ -50,14 +50,17 @@ _SHARES: dict[str, float] = {"users": 0.05, "api_keys": 0.05, "orders": 0.25, "a
 # always yields the same data.
 ANCHOR = "2025-01-01 00:00:00+00"
 
-# Measured on the local PostgreSQL 15.20 (8 kB pages, default fillfactor):
-# build() into a fresh database, then pg_database_size():
-#   rows=0 (schema only)  ->   7,807,459 bytes   (what template1 plus empty tables cost)
-#   rows=200,000          ->  52,839,395 bytes   -> 225.2 bytes/row above the empty size
-#   rows=1,000,000        -> 233,160,163 bytes   -> 225.4 bytes/row
-# Heap plus indexes, after ANALYZE; pgserver's PostgreSQL 16 lands within a few percent.
-EMPTY_DATABASE_BYTES = 7_807_459
-BYTES_PER_ROW = 225.3
+# Measured on the local PostgreSQL 15.20 (8 kB pages, default fillfactor, seed 7):
+# pg_database_size() of a fresh database after create_schema() only, and after
+# build() (data, indexes, foreign keys, ANALYZE):
+#   schema only      ->   8,084,839 bytes (template1's catalogs plus empty tables)
+#   rows=200,000     ->  42,802,535 bytes -> 173.6 bytes/row above that
+#   rows=1,000,000   -> 180,845,927 bytes -> 172.8 bytes/row
+#   rows=5,000,000   -> 873,045,351 bytes -> 173.0 bytes/row
+# i.e. linear; heap plus indexes. pgserver's PostgreSQL 16.2 measured 173.5 bytes/row
+# (200k rows over a 7,819,747-byte empty database): the estimate holds within 1%.
+EMPTY_DATABASE_BYTES = 8_084_839
+BYTES_PER_ROW = 173.0
 
 _FIRST_NAMES = [
     "Ada", "Alan", "Grace", "Linus", "Barbara", "Ken", "Margaret", "Dennis", "Frances",
@@ -240,7 +243,7 @@ def plan_counts(rows: int) -> dict[str, int]:
 
 
 def _seed_value(seed: int) -> float:
-    """Map any int seed to setseed()'s [-1, 1) range, distinct for |seed| < 2**31."""
+    """Map an int seed into setseed()'s [-1, 1) range (distinct for 0 <= seed < 2**31)."""
     return (seed % (1 << 31)) / float(1 << 31) * 2.0 - 1.0
 
 
@@ -265,6 +268,8 @@ def analyze(conn: psycopg.Connection) -> None:
 # Each generator draws every random() it needs in a fenced subquery (OFFSET 0) in
 # generate_series order, and only derives values outside it, so the output does not
 # depend on join order or hash batching and is the same for a seed on every run.
+# Hashed randomness goes through random() * 2^52 as a bigint's text (exact, since
+# random() has 52 random bits): random()::text would depend on extra_float_digits.
 
 _USERS_SQL = """
 INSERT INTO public.users (id, email, name, created_at, status)
@@ -305,7 +310,7 @@ SELECT s.g, s.user_id,
 FROM (
     SELECT g,
            1 + floor(random() * %(users)s::bigint)::bigint AS user_id,
-           'fq_live_' || md5(random()::text) || md5(random()::text) AS raw_key,
+           'fq_live_' || md5(((random() * 4503599627370496)::bigint)::text) || md5(((random() * 4503599627370496)::bigint)::text) AS raw_key,
            random() AS r_tier,
            random() AS r_created,
            random() AS r_revoked,
@@ -341,7 +346,7 @@ FROM (
 ) AS s
 """
 
-# Orders skew towards a minority of heavy users (random()^2).
+# Orders skew towards a minority of heavy users (random() * random()).
 _ORDERS_SQL = """
 INSERT INTO public.orders (id, user_id, status, total_cents, currency, created_at)
 SELECT s.g, s.user_id,
@@ -411,7 +416,7 @@ FROM (
                random() AS r_target,
                floor(random() * 16777216)::int AS ip,
                (%(agents)s::text[])[1 + floor(random() * cardinality(%(agents)s::text[]))::int] AS user_agent,
-               md5(random()::text) AS request_id,
+               md5(((random() * 4503599627370496)::bigint)::text) AS request_id,
                random() AS r_duration,
                random() AS r_created
         FROM generate_series(1::bigint, %(n)s::bigint) AS g
@@ -459,6 +464,10 @@ def populate(
                 "sample tables already hold rows (" + ", ".join(nonempty) + "); "
                 "build into a fresh database or empty them first, so data sets never mix"
             )
+        # Timestamp arithmetic in UTC (no DST), whatever the session's TimeZone;
+        # restored below, and undone by the rollback on error.
+        cur.execute("SELECT current_setting('TimeZone'), set_config('TimeZone', 'UTC', true)")
+        (session_tz, _) = cur.fetchone()
         cur.execute("SELECT setseed(%s)", (_seed_value(seed),))
         cur.execute(
             _USERS_SQL,
@@ -489,6 +498,7 @@ def populate(
                 ).format(name=sql.Literal(f"{SCHEMA}.{table}"), table=_qualified(table))
             )
         counts = exact_counts(conn)
+        cur.execute("SELECT set_config('TimeZone', %s, true)", (session_tz,))
     if analyze_after:
         analyze(conn)
     return counts

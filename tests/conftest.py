@@ -16,8 +16,9 @@ ADMIN_DSN = os.environ.get("RUNBOOKS_TEST_PG", "postgresql://postgres@127.0.0.1:
 
 
 def pytest_configure(config: pytest.Config) -> None:
-    os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
-    os.environ.setdefault("XDG_RUNTIME_DIR", "/tmp")
+    from deployments.environment import quiet_prefect
+
+    quiet_prefect()
 
 
 @pytest.fixture(scope="session", autouse=True)

@@ -1,9 +1,7 @@
-"""demo.sample_data against the local PostgreSQL: counts, integrity, refusal to mix data."""
+"""demo.sample_data against the local PostgreSQL (tests/conftest.py: pg_admin, make_database):
+counts, integrity, determinism, and refusal to mix two data sets."""
 
 from __future__ import annotations
-
-import uuid
-from collections.abc import Iterator
 
 import psycopg
 import pytest
@@ -11,38 +9,13 @@ from psycopg import sql
 
 from demo import sample_data
 
-ADMIN_DSN = "postgresql://postgres@127.0.0.1:5432/postgres"
 ROWS = 20_000
 
 
-def _admin() -> psycopg.Connection:
-    try:
-        return psycopg.connect(ADMIN_DSN, autocommit=True, connect_timeout=5)
-    except psycopg.OperationalError as exc:
-        pytest.skip(f"local PostgreSQL not reachable: {exc}")
-
-
 @pytest.fixture
-def make_db() -> Iterator:
-    """Factory for uniquely named scratch databases, all dropped at teardown."""
-    created: list[str] = []
-
-    def make() -> str:
-        name = f"rb_sample_{uuid.uuid4().hex[:8]}"
-        with _admin() as conn:
-            conn.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
-        created.append(name)
-        return f"postgresql://postgres@127.0.0.1:5432/{name}"
-
-    try:
-        yield make
-    finally:
-        if created:
-            with _admin() as conn:
-                for name in created:
-                    conn.execute(
-                        sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name))
-                    )
+def make_db(make_database):
+    """Scratch databases named rb_sample_<hex>; conftest's make_database drops them."""
+    return lambda: make_database("rb_sample")
 
 
 @pytest.fixture

@@ -1,0 +1,93 @@
+"""Settings: loading, environment overrides, and errors that name the key."""
+
+from __future__ import annotations
+
+import pytest
+
+from tasks.config import load_settings
+from tasks.errors import ConfigError
+from tasks.postgres import mask_dsn
+from tasks.storage import LocalStoreConfig, S3StoreConfig
+
+GOOD = """
+[databases.orders]
+dsn = "postgresql://app:hunter2-secret@127.0.0.1:5432/orders"
+store = "primary"
+
+[stores.primary]
+kind = "local"
+path = "backups"
+replica = "dr"
+
+[stores.dr]
+kind = "s3"
+bucket = "dr-backups"
+region = "eu-west-1"
+sse_kms_key_id = "alias/backups"
+"""
+
+
+def test_loads_named_targets_with_relative_paths_resolved(write_config):
+    path = write_config(GOOD)
+    s = load_settings()
+    db = s.database("orders")
+    assert db.dbname == "orders"
+    assert isinstance(s.store("primary"), LocalStoreConfig)
+    assert s.store("primary").path == path.parent / "backups"
+    dr = s.store("dr")
+    assert isinstance(dr, S3StoreConfig) and dr.sse_kms_key_id == "alias/backups"
+    assert "hunter2-secret" not in repr(s) and "hunter2-secret" not in str(s.model_dump())
+
+
+def test_environment_overrides_the_file(write_config, monkeypatch):
+    write_config(GOOD)
+    monkeypatch.setenv("RUNBOOKS_DATABASES__ORDERS__JOBS", "4")
+    monkeypatch.setenv("RUNBOOKS_NOTIFY__SLACK_CHANNEL", "#dr")
+    s = load_settings()
+    assert s.database("orders").config.jobs == 4
+    assert s.database("orders").config.store == "primary"  # the rest of the file still applies
+    assert s.notify.slack_channel == "#dr"
+
+
+def test_unknown_database_lists_the_known_ones(write_config):
+    write_config(GOOD)
+    with pytest.raises(ConfigError, match=r"unknown database 'ordrs' \(known: orders\)"):
+        load_settings().database("ordrs")
+
+
+def test_missing_file_named(tmp_path, monkeypatch):
+    monkeypatch.setenv("RUNBOOKS_CONFIG", str(tmp_path / "nope.toml"))
+    with pytest.raises(ConfigError, match="nope.toml not found"):
+        load_settings()
+
+
+@pytest.mark.parametrize("text, key, expected", [
+    (GOOD.replace('store = "primary"', 'store = "primary"\njobs = "many"'), "databases.orders.jobs",
+     "integer"),
+    (GOOD.replace('kind = "s3"', 'kind = "ftp"'), "stores.dr", 'kind = "local" or "s3"'),
+    (GOOD.replace('bucket = "dr-backups"', 'bucket = "x"'), "stores.dr.s3.bucket", "at least 3"),
+    (GOOD.replace('replica = "dr"', 'replica = "elsewhere"'), "stores.primary.replica", "no store named"),
+    (GOOD.replace('[stores.primary]', '[stores.primary]\ncolour = "red"'), "stores.primary.local.colour",
+     "Extra inputs"),
+    (GOOD.replace('dsn = "postgresql://app:hunter2-secret@127.0.0.1:5432/orders"', ''),
+     "databases.orders.dsn", "Field required"),
+])
+def test_malformed_values_name_the_key(write_config, text, key, expected):
+    write_config(text)
+    with pytest.raises(ConfigError) as err:
+        load_settings()
+    assert key in str(err.value) and expected in str(err.value)
+    assert "hunter2-secret" not in str(err.value)
+
+
+def test_invalid_toml_is_named(write_config):
+    write_config("[databases.orders\n")
+    with pytest.raises(ConfigError, match="not valid TOML"):
+        load_settings()
+
+
+@pytest.mark.parametrize("dsn", ["postgresql://app:hunter2-secret@db:5432/orders",
+                                 "host=db user=app password=hunter2-secret dbname=orders"])
+def test_mask_dsn_hides_the_password(dsn):
+    masked = mask_dsn(dsn)
+    assert "hunter2-secret" not in masked and "***" in masked and "orders" in masked
