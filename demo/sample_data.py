@@ -156,7 +156,8 @@ _INDEXES: dict[str, str] = {
     "orders_created_at_idx": "CREATE INDEX IF NOT EXISTS {name} ON {schema}.orders (created_at)",
     "order_items_order_id_idx": "CREATE INDEX IF NOT EXISTS {name} ON {schema}.order_items (order_id)",
     "audit_logs_created_at_idx": "CREATE INDEX IF NOT EXISTS {name} ON {schema}.audit_logs (created_at)",
-    "audit_logs_actor_user_id_idx": "CREATE INDEX IF NOT EXISTS {name} ON {schema}.audit_logs (actor_user_id)",
+    "audit_logs_actor_user_id_idx":
+        "CREATE INDEX IF NOT EXISTS {name} ON {schema}.audit_logs (actor_user_id)",
 }
 
 # (table, column, referenced table, ON DELETE action); named as PostgreSQL names
@@ -305,12 +306,15 @@ SELECT s.g, s.user_id,
             ELSE 'enterprise' END,
        c.created_at, r.revoked_at,
        CASE WHEN s.r_used < 0.80
-            THEN c.created_at + (s.r_used / 0.80) * (coalesce(r.revoked_at, %(anchor)s::timestamptz) - c.created_at)
+            THEN c.created_at + (s.r_used / 0.80)
+                 * (coalesce(r.revoked_at, %(anchor)s::timestamptz) - c.created_at)
        END
 FROM (
     SELECT g,
            1 + floor(random() * %(users)s::bigint)::bigint AS user_id,
-           'fq_live_' || md5(((random() * 4503599627370496)::bigint)::text) || md5(((random() * 4503599627370496)::bigint)::text) AS raw_key,
+           'fq_live_'
+               || md5(((random() * 4503599627370496)::bigint)::text)
+               || md5(((random() * 4503599627370496)::bigint)::text) AS raw_key,
            random() AS r_tier,
            random() AS r_created,
            random() AS r_revoked,

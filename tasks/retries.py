@@ -7,6 +7,7 @@ in particular every `RunbookError`.
 
 from __future__ import annotations
 
+import os
 import socket
 import subprocess
 from typing import Any
@@ -16,7 +17,9 @@ import httpx
 from tasks.errors import RunbookError, TransientStoreError
 
 RETRIES = 3
-RETRY_DELAYS = [2, 8, 30]  # exponential backoff ...
+# Exponential backoff; RUNBOOKS_RETRY_DELAY_SCALE shrinks or stretches it (tests use 0.01).
+_SCALE = float(os.environ.get("RUNBOOKS_RETRY_DELAY_SCALE", "1"))
+RETRY_DELAYS = [2 * _SCALE, 8 * _SCALE, 30 * _SCALE]
 RETRY_JITTER = 0.5  # ... with up to 50 % jitter
 
 _THROTTLING = {"Throttling", "ThrottlingException", "SlowDown", "RequestLimitExceeded",

@@ -19,6 +19,7 @@ def pytest_configure(config: pytest.Config) -> None:
     from deployments.environment import quiet_prefect
 
     quiet_prefect()
+    os.environ["RUNBOOKS_RETRY_DELAY_SCALE"] = "0.01"  # real retries, without the waiting
 
 
 @pytest.fixture(scope="session", autouse=True)
@@ -133,3 +134,6 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+from tests.slack_standin import _no_proxy, slack  # noqa: E402,F401 - fixtures for every test
