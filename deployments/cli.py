@@ -3,9 +3,10 @@ every deployment. Errors are one line on stderr (exit 2), never a traceback."""
 
 from __future__ import annotations
 
-from deployments.environment import quiet_prefect
+from deployments.environment import hide_server_chatter, quiet_prefect
 
 quiet_prefect()
+hide_server_chatter()
 
 import sys  # noqa: E402
 from datetime import datetime, timezone  # noqa: E402
@@ -26,9 +27,21 @@ config_app = typer.Typer(help="Check the configuration.", no_args_is_help=True)
 backups_app = typer.Typer(help="What the backup stores hold.", no_args_is_help=True)
 app.add_typer(config_app, name="config")
 app.add_typer(backups_app, name="backups")
-# Wide when piped (a log, a ticket), so ids and DSNs are never cut.
-out = Console(width=None if sys.stdout.isatty() else 200, soft_wrap=True)
-err = Console(stderr=True, soft_wrap=True)
+class _Out:
+    """Prints to whatever sys.stdout/stderr is now (a test runner may swap them);
+    wide when piped (a log, a ticket), so ids and DSNs are never cut."""
+
+    def __init__(self, stderr: bool = False) -> None:
+        self.stderr = stderr
+
+    def print(self, *args: object, **kwargs: object) -> None:
+        stream = sys.stderr if self.stderr else sys.stdout
+        Console(file=stream, width=None if stream.isatty() else 200, soft_wrap=True,
+                highlight=False).print(*args, **kwargs)  # type: ignore[arg-type]
+
+
+out = _Out()
+err = _Out(stderr=True)
 
 
 @config_app.command("check")
@@ -134,6 +147,7 @@ def run_backup(database: str, dry_run: bool = typer.Option(False, "--dry-run")) 
     """Back up DATABASE now (the backup-database flow)."""
     from flows.backup_database import backup_database
 
+    load_settings().database(database)  # a wrong name is one line, not a failed run
     backup_database(database=database, dry_run=dry_run)
 
 
@@ -142,6 +156,9 @@ def run_restore_test(database: str, backup_id: Optional[str] = typer.Option(None
     """Restore-test DATABASE's newest backup (or --backup-id) now."""
     from flows.restore_test import restore_test
 
+    load_settings().database(database)
+    if backup_id:
+        backups.check_backup_id(backup_id)
     restore_test(database=database, backup_id=backup_id)
 
 
@@ -151,6 +168,8 @@ def run_retention(database: Optional[str] = typer.Option(None),
     """Apply backup retention now (--dry-run lists what would go)."""
     from flows.backup_retention import backup_retention
 
+    if database:
+        load_settings().database(database)
     backup_retention(database=database, dry_run=dry_run)
 
 
@@ -166,10 +185,10 @@ def main() -> None:
     try:
         app()
     except RunbookError as exc:
-        err.print(f"[red]error:[/red] {first_line(exc)}", highlight=False)
+        err.print(f"[red]error:[/red] {first_line(exc)}")
         sys.exit(2)
     except Exception as exc:  # a failed flow run: Prefect has logged it already
-        err.print(f"[red]failed:[/red] {first_line(exc)}", highlight=False)
+        err.print(f"[red]failed:[/red] {first_line(exc)}")
         sys.exit(1)
 
 

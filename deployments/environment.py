@@ -21,3 +21,25 @@ def quiet_prefect() -> None:
         runtime = Path(f"/tmp/runtime-{os.getuid()}")
         runtime.mkdir(mode=0o700, exist_ok=True)
         os.environ["XDG_RUNTIME_DIR"] = str(runtime)
+
+
+_CHATTER = ("Starting temporary server", "Stopping temporary server", "Still processing items")
+
+
+class _NoServerChatter:
+    """Drops the temporary server's start/stop notices; keeps every flow and task log."""
+
+    def filter(self, record: object) -> bool:
+        msg = str(getattr(record, "msg", ""))
+        return not msg.startswith(_CHATTER)
+
+
+def hide_server_chatter() -> None:
+    """Call after Prefect has configured logging (importing prefect.main does)."""
+    import logging
+
+    import prefect.main  # noqa: F401 - configures Prefect's console handler
+
+    for handler in logging.getLogger().handlers:
+        if not any(isinstance(f, _NoServerChatter) for f in handler.filters):
+            handler.addFilter(_NoServerChatter())

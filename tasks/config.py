@@ -47,6 +47,11 @@ class Settings(BaseSettings):
     @model_validator(mode="after")
     def _references_exist(self) -> "Settings":
         for name, db in self.databases.items():
+            if db.store is None and len(self.stores) == 1:
+                db.store = next(iter(self.stores))
+            if db.store is None:
+                raise ValueError(f"databases.{name}.store: say which store its backups go to "
+                                 f"(configured: {', '.join(sorted(self.stores))})")
             if db.store not in self.stores:
                 raise ValueError(f"databases.{name}.store: no store named {db.store!r} "
                                  f"(configured: {', '.join(sorted(self.stores)) or 'none'})")

@@ -37,7 +37,8 @@ class DatabaseConfig(BaseModel):
     dsn: SecretStr = Field(description="libpq URI or key=value DSN (a secret)")
     bin_dir: Path | None = Field(None, description="directory with pg_dump/pg_restore/pg_amcheck")
     schemas: list[str] = Field(default_factory=lambda: ["public"], min_length=1)
-    store: str = Field("local", description="name of the store its backups go to")
+    store: str | None = Field(None, description="store its backups go to (may be omitted when "
+                                                "only one store is configured)")
     retention_days: int = Field(30, ge=1)
     jobs: int = Field(2, ge=1, le=32, description="parallel pg_restore jobs")
     compression_level: int = Field(3, ge=1, le=19, description="zstd level")
