@@ -311,7 +311,8 @@ class Bench:
     # ---------------------------------------------------------------- subprocesses
 
     def _wait(self, proc: subprocess.Popen[bytes]) -> Any:
-        """Reap `proc` with wait4 (for its CPU time and peak RSS); returns the rusage."""
+        """Reap `proc` with wait4 (for its CPU time); returns the rusage. (Not its peak RSS:
+        Linux reports an exec'd child's ru_maxrss as at least its parent's RSS at fork.)"""
         try:
             _, status, ru = os.wait4(proc.pid, 0)
         except ChildProcessError:
@@ -323,7 +324,7 @@ class Bench:
     def run_pipeline(self, label: str, cmds: list[list[str]], *, env: dict[str, str] | None = None,
                      stdin: Path | None = None, stdout: Path | None = None) -> dict[str, Any]:
         """Run `cmds` connected by pipes (no shell); time from the first start to the last
-        exit. Returns seconds, per-process CPU seconds and peak RSS, and the CPU share."""
+        exit. Returns seconds, per-process CPU seconds, and the share of all CPUs busy."""
         with contextlib.ExitStack() as stack:
             errs = [stack.enter_context(tempfile.TemporaryFile()) for _ in cmds]
             src = stack.enter_context(open(stdin, "rb")) if stdin else subprocess.DEVNULL
@@ -352,9 +353,7 @@ class Bench:
         return {
             "seconds": round(seconds, 3),
             "cpu_busy_share": busy,
-            "processes": [{"tool": Path(c[0]).name,
-                           "cpu_seconds": rusage_cpu(u) if u else None,
-                           "peak_rss_mib": round(u.ru_maxrss / 1024, 1) if u else None}
+            "processes": [{"tool": Path(c[0]).name, "cpu_seconds": rusage_cpu(u) if u else None}
                           for c, u in zip(cmds, usages)],
         }
 
@@ -743,7 +742,7 @@ class Bench:
                                      "--rss-child", key, str(store_dir)],
                                     stdout=out, stderr=err, env=dict(os.environ))
             self.procs.append(proc)
-            ru = self._wait(proc)
+            self._wait(proc)
             out.seek(0)
             err.seek(0)
             text, errors = out.read().decode(errors="replace"), err.read()
@@ -752,10 +751,9 @@ class Bench:
             raise BenchError(f"memory child for '{key}' failed (exit {proc.returncode}): "
                              f"{first_line(errors)}")
         data = json.loads(text.strip().splitlines()[-1])
-        data["wait4_maxrss_mib"] = round(ru.ru_maxrss / 1024, 1) if ru else None
         data["db_size_bytes"] = size
         say(f"  peak RSS {data['peak_rss_mib']:.0f} MiB (after imports {data['rss_after_imports_mib']:.0f} "
-            f"MiB), pg_dump {data['pg_dump_peak_rss_mib']:.0f} MiB, dump {data['seconds']:.1f} s")
+            f"MiB), dump {data['seconds']:.1f} s")
         return data
 
     # ---------------------------------------------------------------- reporting
@@ -925,7 +923,6 @@ def rss_child(key: str, store_dir: str) -> int:
     manifest = dump_to_store.fn(db, store, backups.new_backup_id(key), None)
     seconds = time.perf_counter() - t0
     end = proc_status()
-    kids = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss  # pg_dump (and --version runs)
     print(json.dumps({
         "peak_rss_mib": round(end["VmHWM"] / 1024, 1),
         "rss_at_start_mib": round(start["VmRSS"] / 1024, 1),
@@ -933,7 +930,6 @@ def rss_child(key: str, store_dir: str) -> int:
         "peak_after_imports_mib": round(after["VmHWM"] / 1024, 1),
         "rss_at_end_mib": round(end["VmRSS"] / 1024, 1),
         "pipeline_increment_mib": round((end["VmHWM"] - after["VmRSS"]) / 1024, 1),
-        "pg_dump_peak_rss_mib": round(kids / 1024, 1),
         "seconds": round(seconds, 3),
         "dump_bytes": manifest.dump_bytes, "stored_bytes": manifest.stored_bytes,
     }), flush=True)
@@ -953,7 +949,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--quick", action="store_true", help="~100 MB smoke run")
     p.add_argument("--pg-dsn", help="admin DSN of an existing server (default: embedded pgserver)")
     p.add_argument("--bin-dir", help="PostgreSQL client tools (default: pgserver's bundled PostgreSQL 16)")
-    p.add_argument("--repeat", type=int, default=1,
+    p.add_argument("--repeat", type=int, default=3,
                    help="run each backup and restore comparison N times, interleaved; medians are reported")
     p.add_argument("--work-dir", help="parent directory for dumps and the store (default: system temp)")
     p.add_argument("--json", help=f"where to write the results (default: {DEFAULT_RESULTS})")

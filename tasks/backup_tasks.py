@@ -36,8 +36,9 @@ def dump_to_store(db: Database, store: Store, backup_id: str,
     started = datetime.now(timezone.utc)
     t0 = time.monotonic()
     key = backups.data_key(backup_id, enc is not None)
+    estimate = postgres.estimate_dump_bytes(db)
     with postgres.dump(db) as stream:
-        with Progress(f"pg_dump {db.name}", total=None) as progress:
+        with Progress(f"pg_dump {db.name} (about {estimate >> 20} MB)", total=estimate) as progress:
             put, dump_bytes = backups.write_dump(store, key, stream.chunks, db.config.compression_level,
                                                  enc, on_bytes=progress.advance)
     seconds = max(time.monotonic() - t0, 1e-6)

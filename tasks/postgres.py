@@ -176,6 +176,16 @@ def read_state(conn: psycopg.Connection, schemas: list[str]) -> DatabaseState:
     return state
 
 
+def estimate_dump_bytes(db: Database) -> int:
+    """About what pg_dump will write: the tables' heap and TOAST size (no indexes)."""
+    with connect(db) as conn:
+        row = conn.execute(
+            """SELECT coalesce(sum(pg_table_size(c.oid)), 0) FROM pg_class c
+               JOIN pg_namespace n ON n.oid = c.relnamespace
+               WHERE n.nspname = ANY(%s) AND c.relkind = 'r'""", (db.config.schemas,)).fetchone()
+    return int(row[0]) if row else 0
+
+
 @dataclass
 class DumpStream:
     """A running pg_dump: its output chunks, and the state of its snapshot."""

@@ -8,17 +8,26 @@ import sys
 import time
 from typing import Any
 
-log = logging.getLogger("runbooks.progress")
+
+def _log() -> Any:
+    """The run's logger inside a flow or task run (shown in the UI), else a plain one."""
+    from prefect.exceptions import MissingContextError
+    from prefect.logging import get_run_logger
+
+    try:
+        return get_run_logger()
+    except MissingContextError:
+        return logging.getLogger("runbooks.progress")
 
 
 class Progress:
-    """Count units of work (bytes) against an estimated total."""
+    """Count units of work (bytes) against an estimated total (percent capped at 100)."""
 
     def __init__(self, description: str, total: float | None) -> None:
         self.description = description
         self.total = total if total and total > 0 else None
         self.done = 0.0
-        self._last_push = 0.0
+        self._t0 = self._last_push = time.monotonic()
         self._last_decile = -1
         self._artifact: Any = None
         self._bar: Any = None
@@ -55,9 +64,10 @@ class Progress:
 
             update_progress_artifact(self._artifact, progress=self.percent)
         decile = int(self.percent // 10)
-        if self._bar is None and self.total and decile > self._last_decile:
+        # Only long steps log their progress; a 2-second dump needs no ten lines.
+        if self._bar is None and self.total and decile > self._last_decile and now - self._t0 > 5:
             self._last_decile = decile
-            log.info("%s: %d%%", self.description, decile * 10)
+            _log().info("%s: %d%%", self.description, decile * 10)
 
     def close(self) -> None:
         if self._bar is not None:

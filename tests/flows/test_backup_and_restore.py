@@ -33,6 +33,20 @@ path = "{store}"
 """
 
 
+def s3_config(dsn: str, bucket: str, endpoint: str, store_extra: str = "", db_extra: str = "") -> str:
+    return f"""
+[databases.orders]
+dsn = "{dsn}"
+store = "s3"
+{db_extra}
+[stores.s3]
+kind = "s3"
+bucket = "{bucket}"
+endpoint_url = "{endpoint}"
+{store_extra}
+"""
+
+
 def counts(dsn: str) -> dict[str, int]:
     with psycopg.connect(dsn) as conn:
         return postgres.read_state(conn, ["public"]).tables
@@ -171,17 +185,8 @@ def test_pg_dump_dying_mid_stream_aborts_the_upload(make_database, tmp_path, wri
     dsn = make_database()
     build(dsn, rows=120_000)  # a dump of several S3 parts
     bin_dir = _wrapped_tools(tmp_path, '"$REAL" "$@" | head -c 6000000\nexit 1')
-    write_config(f"""
-[databases.orders]
-dsn = "{dsn}"
-store = "s3"
-bin_dir = "{bin_dir}"
-[stores.s3]
-kind = "s3"
-bucket = "{bucket}"
-endpoint_url = "{moto_endpoint}"
-part_size_mb = 5
-""")
+    write_config(s3_config(dsn, bucket, moto_endpoint, store_extra="part_size_mb = 5",
+                           db_extra=f'bin_dir = "{bin_dir}"'))
     with pytest.raises(DatabaseError, match=r"pg_dump failed \(exit 1\)"):
         backup_database("orders")
     s3 = load_settings().open_store("s3")
@@ -192,16 +197,7 @@ part_size_mb = 5
 def test_store_failing_for_a_moment_is_retried(sample_db, tmp_path, write_config, moto_endpoint, bucket):
     proxy = FaultProxy(moto_endpoint)
     try:
-        write_config(f"""
-[databases.orders]
-dsn = "{sample_db}"
-store = "s3"
-[stores.s3]
-kind = "s3"
-bucket = "{bucket}"
-endpoint_url = "{proxy.url}"
-max_attempts = 3
-""")
+        write_config(s3_config(sample_db, bucket, proxy.url, store_extra="max_attempts = 3"))
         proxy.fail_next = 5  # more than one call's attempts: the task retry takes over
         result = backup_database("orders")
         assert proxy.failures_sent == 5
@@ -214,20 +210,12 @@ def test_store_failing_for_good_fails_clearly_and_notifies(sample_db, tmp_path, 
                                                            moto_endpoint, bucket, slack):
     proxy = FaultProxy(moto_endpoint)
     try:
-        write_config(f"""
-[databases.orders]
-dsn = "{sample_db}"
-store = "s3"
-[stores.s3]
-kind = "s3"
-bucket = "{bucket}"
-endpoint_url = "{proxy.url}"
-max_attempts = 2
+        write_config(s3_config(sample_db, bucket, proxy.url, store_extra=f"""max_attempts = 2
 [notify]
 slack_token = "xoxb-never-shown"
 slack_channel = "#dr"
 slack_api_url = "{slack.url}"
-""")
+"""))
         proxy.fail_always = True
         with pytest.raises(Exception, match=r"store 's3' .*InternalError.*after 2 attempts"):
             backup_database("orders")
@@ -292,15 +280,7 @@ def test_two_backups_of_one_database_do_not_overlap(sample_db, tmp_path, write_c
 
 
 def test_invalid_backup_id_is_rejected_before_the_store(sample_db, tmp_path, write_config):
-    write_config(f"""
-[databases.orders]
-dsn = "{sample_db}"
-store = "s3"
-[stores.s3]
-kind = "s3"
-bucket = "unreachable"
-endpoint_url = "http://127.0.0.1:{free_port()}"
-""")
+    write_config(s3_config(sample_db, "unreachable", f"http://127.0.0.1:{free_port()}"))
     for bad in ("../../etc/passwd", "orders/../x", "a b"):
         with pytest.raises(InvalidBackupId, match="is not a backup id"):
             restore_test("orders", backup_id=bad)
