@@ -14,6 +14,7 @@ from tasks.concurrency import exclusive
 from tasks.config import load_settings
 from tasks.notify import Severity
 from tasks.report import RunReport, human_bytes
+from tasks.storage import Store
 
 
 class BackupResult(BaseModel):
@@ -105,7 +106,7 @@ def _figures(run: RunReport, m: backups.Manifest) -> None:
     run.figure("sha256", m.sha256)
 
 
-def _plan(run: RunReport, db: postgres.Database, store, replica) -> BackupResult:  # type: ignore[no-untyped-def]
+def _plan(run: RunReport, db: postgres.Database, store: Store, replica: Store | None) -> BackupResult:
     plan = []
     with run.step("check database"):
         with postgres.connect(db) as conn:

@@ -19,7 +19,8 @@ from tasks.backups import Verification
 from tasks.concurrency import exclusive
 from tasks.config import load_settings
 from tasks.notify import Severity
-from tasks.report import RunReport, human_bytes
+from tasks.report import RunReport, first_line, human_bytes
+from tasks.storage import Store
 
 
 class RestoreTestResult(BaseModel):
@@ -129,10 +130,8 @@ def _flow_run_id() -> str | None:
     return str(flow_run.id) if flow_run.id else None
 
 
-def _record_failure(store, backup_id: str, seconds: float, exc: Exception) -> None:  # type: ignore[no-untyped-def]
+def _record_failure(store: Store, backup_id: str, seconds: float, exc: Exception) -> None:
     """Record a failed test so `backups list` stops calling the backup verified."""
-    from tasks.report import first_line
-
     try:
         backups.save_verification(store, Verification(
             backup_id=backup_id, passed=False, checked_at=datetime.now(timezone.utc),

@@ -4,7 +4,7 @@ one slot named after the target (e.g. `database:orders`), created on first use."
 from __future__ import annotations
 
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 
 from prefect.client.orchestration import get_client
 from prefect.concurrency.sync import concurrency
@@ -31,15 +31,9 @@ def exclusive(kind: str, name: str, wait_seconds: float = 6 * 3600) -> Iterator[
     """Hold the target's slot for the body; waits (in order) while another run holds it."""
     lock = limit_name(kind, name)
     ensure_limit(lock)
-    try:
-        ctx = concurrency(lock, occupy=1, strict=True, timeout_seconds=wait_seconds)
-        ctx.__enter__()
-    except TimeoutError:
-        raise RunbookError(f"{lock} stayed busy for {wait_seconds:.0f}s: another run holds it") from None
-    try:
+    with ExitStack() as stack:
+        try:
+            stack.enter_context(concurrency(lock, occupy=1, strict=True, timeout_seconds=wait_seconds))
+        except TimeoutError:
+            raise RunbookError(f"{lock} stayed busy for {wait_seconds:.0f}s: another run holds it") from None
         yield
-    except BaseException as exc:
-        if not ctx.__exit__(type(exc), exc, exc.__traceback__):
-            raise
-    else:
-        ctx.__exit__(None, None, None)

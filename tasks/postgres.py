@@ -27,6 +27,7 @@ from pydantic import BaseModel, ConfigDict, Field, SecretStr
 from tasks.errors import DatabaseError
 
 CHUNK = 1 << 20  # bytes read from pg_dump at a time
+LOCK_WAIT_MS = 120_000  # pg_dump's wait for its table locks
 
 
 class DatabaseConfig(BaseModel):
@@ -212,7 +213,8 @@ def dump(db: Database) -> Iterator[DumpStream]:
         stderr = _Tail()
         proc = subprocess.Popen(
             [str(pg_dump), "--format=custom", "--compress=0", f"--snapshot={snapshot}",
-             "--no-sync", f"--dbname={conninfo}"],
+             # Fail rather than wait forever behind an exclusive lock on a table.
+             f"--lock-wait-timeout={LOCK_WAIT_MS}", "--no-sync", f"--dbname={conninfo}"],
             stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env,
         )
         stderr.follow(proc.stderr)
