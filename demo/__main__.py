@@ -10,7 +10,7 @@ short summary and stops what it started.
 
 from __future__ import annotations
 
-from deployments.environment import hide_server_chatter, quiet_prefect
+from deployments.environment import tidy_prefect_logs, quiet_prefect
 
 quiet_prefect()
 
@@ -69,7 +69,7 @@ path = "backups"
         os.environ["RUNBOOKS_CONFIG"] = str(config)
 
         step("starting Prefect's local server (runs kept in .demo/prefect)")
-        hide_server_chatter()
+        tidy_prefect_logs()
         from flows.backup_database import backup_database
         from flows.restore_test import restore_test
 

@@ -3,10 +3,10 @@ every deployment. Errors are one line on stderr (exit 2), never a traceback."""
 
 from __future__ import annotations
 
-from deployments.environment import hide_server_chatter, quiet_prefect
+from deployments.environment import tidy_prefect_logs, quiet_prefect
 
 quiet_prefect()
-hide_server_chatter()
+tidy_prefect_logs()
 
 import sys  # noqa: E402
 from datetime import datetime, timezone  # noqa: E402
@@ -57,7 +57,7 @@ def config_check() -> None:
                 version = conn.execute("SHOW server_version").fetchone()[0]
             tool = postgres.find_tool(db, "pg_dump")
             out.print(f"database {name}: ok (PostgreSQL {version}, {db.masked_dsn}, {tool})")
-        except RunbookError as exc:
+        except Exception as exc:  # noqa: BLE001 - every target gets its line, whatever failed
             failed += 1
             out.print(f"database {name}: [red]FAILED[/red] {first_line(exc)}")
     for name in sorted(settings.stores):
@@ -65,7 +65,7 @@ def config_check() -> None:
             store = settings.open_store(name)
             store.check()
             out.print(f"store {name}: ok ({store.describe()})")
-        except RunbookError as exc:
+        except Exception as exc:  # noqa: BLE001
             failed += 1
             out.print(f"store {name}: [red]FAILED[/red] {first_line(exc)}")
     if failed:
@@ -87,7 +87,7 @@ def backups_list(store: Optional[str] = typer.Option(None, help="only this store
     settings = load_settings()
     if database:
         settings.database(database)
-    names = [store] if store else sorted(settings.stores)
+    names = [store] if store else settings.store_names()
     for name in names:
         entries = backups.list_backups(settings.open_store(name), database)
         table = Table(title=f"store {name}", title_justify="left")
@@ -110,7 +110,7 @@ def backups_show(backup_id: str, store: Optional[str] = typer.Option(None, help=
     """Everything the manifest and the latest restore test say about one backup."""
     backups.check_backup_id(backup_id)
     settings = load_settings()
-    for name in [store] if store else sorted(settings.stores):
+    for name in [store] if store else settings.store_names():
         st = settings.open_store(name)
         if st.head(backups.manifest_key(backup_id)) is None:
             continue
@@ -122,7 +122,9 @@ def backups_show(backup_id: str, store: Optional[str] = typer.Option(None, help=
                           f"({_age(m.finished_at)} ago)"),
                 ("object", m.object_key),
                 ("format", f"pg_dump {m.format}, {m.compression} level {m.compression_level}"),
-                ("encryption", f"{m.encryption} ({m.key_id})" if m.encryption else "none (client-side)"),
+                ("encryption", (f"client-side AES-256-GCM, {m.encryption} key {m.key_id}" if m.encryption
+                                else "no client-side") + (f"; SSE-KMS {m.server_side_encryption}"
+                                                          if m.server_side_encryption else "")),
                 ("sizes", f"database {human_bytes(m.db_size_bytes)}, dump {human_bytes(m.dump_bytes)}, "
                           f"stored {human_bytes(m.stored_bytes)}"),
                 ("throughput", f"{m.throughput_mb_s:.1f} MB/s over {m.duration_seconds:.1f} s"),

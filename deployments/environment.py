@@ -2,6 +2,7 @@
 Prefect is imported: no telemetry, and no server log noise ("database is locked",
 CancelledError tracebacks from the temporary server's shutdown) in a terminal."""
 
+import logging
 import os
 from pathlib import Path
 
@@ -28,20 +29,33 @@ def quiet_prefect() -> None:
 _CHATTER = ("Starting temporary server", "Stopping temporary server", "Still processing items")
 
 
-class _NoServerChatter:
-    """Drops the temporary server's start/stop notices; keeps every flow and task log."""
+class _TidyLogs:
+    """Drops the temporary server's start/stop notices, and the traceback under a
+    failure we raised on purpose (its one-line message says what to fix). Every flow
+    and task log line stays."""
 
-    def filter(self, record: object) -> bool:
-        msg = str(getattr(record, "msg", ""))
-        return not msg.startswith(_CHATTER)
+    def filter(self, record: logging.LogRecord) -> bool:
+        if str(record.msg).startswith(_CHATTER):
+            return False
+        exc = record.exc_info[1] if record.exc_info else None
+        if exc is not None and _is_operator_error(exc):
+            record.exc_info, record.exc_text = None, None
+            text = (str(exc).strip().splitlines() or [""])[0]
+            if text and text not in record.getMessage():
+                record.msg, record.args = f"{record.getMessage()}: {type(exc).__name__}: {text}", None
+        return True
 
 
-def hide_server_chatter() -> None:
+def _is_operator_error(exc: BaseException) -> bool:
+    from tasks.errors import DatabaseUnavailable, RunbookError, TransientStoreError
+
+    return isinstance(exc, (RunbookError, TransientStoreError, DatabaseUnavailable))
+
+
+def tidy_prefect_logs() -> None:
     """Call after Prefect has configured logging (importing prefect.main does)."""
-    import logging
-
     import prefect.main  # noqa: F401 - configures Prefect's console handler
 
     for handler in logging.getLogger().handlers:
-        if not any(isinstance(f, _NoServerChatter) for f in handler.filters):
-            handler.addFilter(_NoServerChatter())
+        if not any(isinstance(f, _TidyLogs) for f in handler.filters):
+            handler.addFilter(_TidyLogs())

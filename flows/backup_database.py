@@ -51,7 +51,8 @@ def backup_database(database: str, dry_run: bool = False) -> BackupResult:
     db = settings.database(database)
     store = settings.open_store(db.config.store)
     enc = settings.encryption(db.config.store)
-    replica_name = settings.store(db.config.store).replica
+    store_config = settings.store(db.config.store)
+    replica_name = store_config.replica
     replica = settings.open_store(replica_name) if replica_name else None
 
     with RunReport("Backup", database) as run:
@@ -63,16 +64,17 @@ def backup_database(database: str, dry_run: bool = False) -> BackupResult:
                 run.figure("Backup id", backup_id)
                 with run.step("dump to store"):
                     manifest = dump_to_store(db, store, backup_id, enc)
-                with run.step("integrity check") as step:
-                    try:
+                try:
+                    with run.step("integrity check") as step:
                         manifest.toc_entries = check_integrity(db, store, manifest, enc)
-                    except Exception:
-                        backups.delete_backup(store, backup_id)  # never list a bad backup
-                        raise
-                    step.detail = f"{manifest.toc_entries} archive entries, sha256 ok"
-                manifest.integrity_checked_at = datetime.now(timezone.utc)
-                with run.step("write manifest"):
-                    backups.save_manifest(store, manifest)
+                        step.detail = f"{manifest.toc_entries} archive entries, sha256 ok"
+                    manifest.integrity_checked_at = datetime.now(timezone.utc)
+                    manifest.server_side_encryption = getattr(store_config, "sse_kms_key_id", None)
+                    with run.step("write manifest"):
+                        backups.save_manifest(store, manifest)
+                except BaseException:
+                    _discard(store, backup_id)  # never keep (or list) a backup that did not check out
+                    raise
                 _figures(run, manifest)
                 if replica is not None:
                     with run.step(f"copy to replica '{replica.name}'") as step:
@@ -94,6 +96,14 @@ def backup_database(database: str, dry_run: bool = False) -> BackupResult:
             raise
 
 
+def _discard(store: Store, backup_id: str) -> None:
+    """Remove what a failed backup wrote; if even that fails, retention removes the orphan."""
+    try:
+        backups.delete_backup(store, backup_id)
+    except Exception:  # noqa: BLE001 - the original failure is what the operator needs
+        pass
+
+
 def _figures(run: RunReport, m: backups.Manifest) -> None:
     run.figure("Database size", human_bytes(m.db_size_bytes))
     run.figure("Dump size (uncompressed)", human_bytes(m.dump_bytes))
@@ -102,7 +112,9 @@ def _figures(run: RunReport, m: backups.Manifest) -> None:
     run.figure("Dump + upload", f"{m.duration_seconds:.1f} s")
     run.figure("Throughput", f"{m.throughput_mb_s:.1f} MB/s")
     run.figure("Rows (exact)", f"{m.total_rows} in {len(m.tables)} tables")
-    run.figure("Encryption", f"{m.encryption} ({m.key_id})" if m.encryption else "none (client-side)")
+    run.figure("Client-side encryption", f"AES-256-GCM, {m.encryption} key {m.key_id}" if m.encryption else "none")
+    run.figure("Server-side encryption", f"SSE-KMS ({m.server_side_encryption})" if m.server_side_encryption
+               else "store default")
     run.figure("sha256", m.sha256)
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import secrets
+import shutil
 import tempfile
 import time
 from datetime import datetime, timezone
@@ -12,32 +13,36 @@ from prefect import flow
 from pydantic import BaseModel
 
 from flows._common import announce
-from tasks import backups
+from tasks import backups, postgres
 from tasks.backup_tasks import (drop_scratch, fail_verification, fetch_and_check,
                                 restore_into_scratch, run_amcheck, verify_restored)
 from tasks.backups import Verification
 from tasks.concurrency import exclusive
 from tasks.config import load_settings
+from tasks.errors import IntegrityError, VerificationError
 from tasks.notify import Severity
 from tasks.report import RunReport, first_line, human_bytes
 from tasks.storage import Store
+
+RESTORE_STEP = "restore into scratch database"
 
 
 class RestoreTestResult(BaseModel):
     database: str
     backup_id: str
     passed: bool
-    time_to_verified_seconds: float
-    restore_seconds: float
-    stored_bytes: int
-    rows_checked: int
-    tables_checked: int
-    amcheck: str | None
-    mismatches: list[str] = []
+    dry_run: bool = False
+    time_to_verified_seconds: float = 0.0
+    restore_seconds: float = 0.0
+    stored_bytes: int = 0
+    rows_checked: int = 0
+    tables_checked: int = 0
+    amcheck: str | None = None
+    plan: list[str] = []
 
 
 @flow(name="restore-test", log_prints=True)
-def restore_test(database: str, backup_id: str | None = None) -> RestoreTestResult:
+def restore_test(database: str, backup_id: str | None = None, dry_run: bool = False) -> RestoreTestResult:
     """Restore a backup into a scratch database and prove it matches its manifest.
 
     Use: weekly (scheduled), after a backup configuration change, or before relying on
@@ -45,12 +50,15 @@ def restore_test(database: str, backup_id: str | None = None) -> RestoreTestResu
       1. pick the backup: the given id, or the newest one of the database;
       2. integrity first: download, sha256, decryption, decompression, pg_restore --list;
          a backup that fails here is never restored;
-      3. pg_restore --exit-on-error (parallel jobs) into a new scratch database;
+      3. pg_restore --exit-on-error (parallel jobs) into a new scratch database on the
+         same server;
       4. exact row counts and sequences compared with the manifest; pg_amcheck where available;
       5. the scratch database is dropped, whatever happened; the outcome is recorded in
          the store (a backup is "verified" only after this passed).
     Reports the time from start to verified: the measured RTO for this size.
-    Notifies HIGH on failure.
+    Holds the database's slot (no backup or retention meanwhile). `dry_run` picks the
+    backup, checks the server and prints the plan, restoring nothing. Notifies HIGH on
+    failure, INFO on success.
     """
     settings = load_settings()
     db = settings.database(database)
@@ -58,42 +66,47 @@ def restore_test(database: str, backup_id: str | None = None) -> RestoreTestResu
         backups.check_backup_id(backup_id)  # before any store is touched
     store = settings.open_store(db.config.store)
     enc = settings.encryption(db.config.store)
-    t0 = time.monotonic()
 
     with RunReport("Restore test", database) as run:
         scratch = f"{db.dbname[:40]}_restoretest_{secrets.token_hex(3)}"
-        work = Path(tempfile.mkdtemp(prefix="runbooks-restore-"))
         manifest = None
         try:
-            with exclusive("restore-test", database):
+            with exclusive("database", database):
+                t0 = time.monotonic()  # the RTO clock starts once nothing else holds the database
                 with run.step("select backup") as step:
                     manifest = backups.find_backup(store, database, backup_id).manifest
-                    step.detail = f"{manifest.id} ({human_bytes(manifest.stored_bytes)}, " \
-                                  f"taken {manifest.finished_at:%Y-%m-%d %H:%M} UTC)"
+                    step.detail = (f"{manifest.id} ({human_bytes(manifest.stored_bytes)}, "
+                                   f"taken {manifest.finished_at:%Y-%m-%d %H:%M} UTC)")
                 run.figure("Backup", manifest.id)
                 run.figure("Stored size", human_bytes(manifest.stored_bytes))
-                with run.step("integrity (sha256, decompress, pg_restore --list)") as step:
-                    spooled = fetch_and_check(db, store, manifest, enc, work)
-                    step.detail = f"{spooled.entries} archive entries"
+                if dry_run:
+                    return _plan(run, db, manifest, scratch)
+                work = Path(tempfile.mkdtemp(prefix="runbooks-restore-"))
                 try:
-                    with run.step(f"restore into {scratch}") as step:
-                        restore_seconds = restore_into_scratch(db, spooled.path, scratch)
-                        step.detail = f"pg_restore --jobs={db.config.jobs} --exit-on-error"
-                    spooled.path.unlink(missing_ok=True)
-                    with run.step("compare with manifest") as step:
-                        problems = verify_restored(db, scratch, manifest)
-                        step.detail = (f"{len(manifest.tables)} tables, {manifest.total_rows} rows, "
-                                       f"{len(manifest.sequences)} sequences: "
-                                       + ("all match" if not problems else f"{len(problems)} differ"))
-                        if problems:
-                            raise fail_verification(manifest, problems)
-                    with run.step("pg_amcheck") as step:
-                        amcheck = run_amcheck(db, scratch)
-                        step.detail = amcheck or "not available here (skipped)"
-                    verified_after = time.monotonic() - t0
+                    with run.step("integrity (sha256, decompress, pg_restore --list)") as step:
+                        spooled = fetch_and_check(db, store, manifest, enc, work)
+                        step.detail = f"{spooled.entries} archive entries"
+                    try:
+                        with run.step(RESTORE_STEP) as step:
+                            step.detail = f"{scratch}, pg_restore --jobs={db.config.jobs} --exit-on-error"
+                            restore_seconds = restore_into_scratch(db, spooled.path, scratch)
+                        spooled.path.unlink(missing_ok=True)
+                        with run.step("compare with manifest") as step:
+                            problems = verify_restored(db, scratch, manifest)
+                            step.detail = (f"{len(manifest.tables)} tables, {manifest.total_rows} rows, "
+                                           f"{len(manifest.sequences)} sequences: "
+                                           + ("all match" if not problems else f"{len(problems)} differ"))
+                            if problems:
+                                raise fail_verification(manifest, problems)
+                        with run.step("pg_amcheck") as step:
+                            amcheck = run_amcheck(db, scratch)
+                            step.detail = amcheck or "not available here (skipped)"
+                        verified_after = time.monotonic() - t0
+                    finally:
+                        with run.step("drop scratch database"):
+                            drop_scratch(db, scratch)
                 finally:
-                    with run.step("drop scratch database"):
-                        drop_scratch(db, scratch)
+                    shutil.rmtree(work, ignore_errors=True)
             run.figure("Restore (pg_restore)", f"{restore_seconds:.1f} s")
             run.figure("Time to verified (measured RTO)", f"{verified_after:.1f} s")
             run.figure("Rows checked", f"{manifest.total_rows} in {len(manifest.tables)} tables")
@@ -113,15 +126,35 @@ def restore_test(database: str, backup_id: str | None = None) -> RestoreTestResu
                 tables_checked=len(manifest.tables), amcheck=amcheck)
         except Exception as exc:
             run.outcome = "failed"
-            if manifest is not None:
-                _record_failure(store, manifest.id, time.monotonic() - t0, exc)
+            if manifest is not None and _backup_is_at_fault(run, exc):
+                _record_failure(store, manifest.id, exc)
             announce(settings, run, Severity.HIGH,
                      f"Restore test of {db.describe()} failed; its backups may not restore.", failed=exc)
             raise
-        finally:
-            for leftover in work.glob("*"):
-                leftover.unlink(missing_ok=True)
-            work.rmdir()
+
+
+def _backup_is_at_fault(run: RunReport, exc: Exception) -> bool:
+    """A corrupt object, a mismatch or a failed pg_restore condemns the backup; an outage
+    of the store, KMS or the server does not (the test is simply retried later)."""
+    failed = [s.name for s in run.steps if s.outcome == "failed"]
+    return isinstance(exc, (IntegrityError, VerificationError)) or RESTORE_STEP in failed
+
+
+def _plan(run: RunReport, db: postgres.Database, manifest: backups.Manifest, scratch: str) -> RestoreTestResult:
+    with run.step("check server"):
+        with postgres.connect(db, dbname="postgres") as conn:
+            can_create = conn.execute(
+                "SELECT rolcreatedb OR rolsuper FROM pg_roles WHERE rolname = current_user").fetchone()
+    plan = [f"check {manifest.object_key} (sha256, decompress, pg_restore --list) in a temp dir "
+            f"(needs {human_bytes(manifest.dump_bytes)} free)",
+            f"restore into {scratch} on {db.describe()}"
+            + ("" if can_create and can_create[0] else " (WARNING: this role cannot CREATE DATABASE)"),
+            f"compare {len(manifest.tables)} tables / {manifest.total_rows} rows with the manifest, "
+            "pg_amcheck, drop the scratch database"]
+    run.outcome = "planned (dry run)"
+    for line in plan:
+        print(f"Plan: {line}")
+    return RestoreTestResult(database=db.name, backup_id=manifest.id, passed=False, dry_run=True, plan=plan)
 
 
 def _flow_run_id() -> str | None:
@@ -130,11 +163,11 @@ def _flow_run_id() -> str | None:
     return str(flow_run.id) if flow_run.id else None
 
 
-def _record_failure(store: Store, backup_id: str, seconds: float, exc: Exception) -> None:
+def _record_failure(store: Store, backup_id: str, exc: Exception) -> None:
     """Record a failed test so `backups list` stops calling the backup verified."""
     try:
         backups.save_verification(store, Verification(
             backup_id=backup_id, passed=False, checked_at=datetime.now(timezone.utc),
-            time_to_verified_seconds=seconds, mismatches=[first_line(exc)], flow_run_id=_flow_run_id()))
+            time_to_verified_seconds=0.0, mismatches=[first_line(exc)], flow_run_id=_flow_run_id()))
     except Exception:  # noqa: BLE001 - the store may be what failed; the run fails anyway
         pass

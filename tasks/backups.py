@@ -47,6 +47,7 @@ class Manifest(BaseModel):
     compression_level: int = 3
     encryption: str | None = None
     key_id: str | None = None
+    server_side_encryption: str | None = None  # the SSE-KMS key the store asked S3 for
     server_version: str = ""
     pg_dump_version: str = ""
     tables: dict[str, int] = Field(default_factory=dict)
@@ -254,6 +255,21 @@ def expired(backups: list[Backup], now: datetime, retention_days: int) -> list[B
     if newest_verified:
         keep.add(newest_verified.manifest.id)
     return [b for b in ordered if b.manifest.finished_at < cutoff and b.manifest.id not in keep]
+
+
+def orphans(store: Store, database: str, older_than: datetime) -> list[str]:
+    """Ids of `database` whose folder holds objects but no manifest (a backup that failed
+    and could not clean up, or an interrupted delete), untouched since `older_than`."""
+    pattern = re.compile(rf"{re.escape(database)}-\d{{8}}T\d{{6}}Z-[0-9a-f]{{4}}")
+    folders: dict[str, list[datetime]] = {}
+    complete: set[str] = set()
+    for o in store.list():
+        backup_id, _, name = o.key.partition("/")
+        if pattern.fullmatch(backup_id):
+            folders.setdefault(backup_id, []).append(o.modified)
+            if name == MANIFEST:
+                complete.add(backup_id)
+    return sorted(b for b, times in folders.items() if b not in complete and max(times) < older_than)
 
 
 def delete_backup(store: Store, backup_id: str) -> None:

@@ -75,6 +75,11 @@ class Settings(BaseSettings):
             raise ConfigError(f"unknown store {name!r} (known: {known})")
         return self.stores[name]
 
+    def store_names(self) -> list[str]:
+        """Primary stores first, then the replicas: where a backup's own record lives."""
+        replicas = {st.replica for st in self.stores.values() if st.replica}
+        return sorted(self.stores, key=lambda n: (n in replicas, n))
+
     def open_store(self, name: str) -> Store:
         return open_store(name, self.store(name))
 
@@ -118,9 +123,17 @@ def _describe(error: Any) -> str:
 
 
 def _resolve_paths(settings: Settings, base: Path) -> None:
-    """Relative paths in the file mean relative to the file, not to the caller's cwd."""
+    """`~` means home; other relative paths mean relative to the file, not to the cwd."""
+
+    def resolve(path: Path) -> Path:
+        path = path.expanduser()
+        return path if path.is_absolute() else (base / path).resolve()
+
     for st in settings.stores.values():
-        if isinstance(st, LocalStoreConfig) and not st.path.is_absolute():
-            st.path = (base / st.path).resolve()
-        if st.encryption and st.encryption.key_file and not st.encryption.key_file.is_absolute():
-            st.encryption.key_file = (base / st.encryption.key_file).resolve()
+        if isinstance(st, LocalStoreConfig):
+            st.path = resolve(st.path)
+        if st.encryption and st.encryption.key_file:
+            st.encryption.key_file = resolve(st.encryption.key_file)
+    for db in settings.databases.values():
+        if db.bin_dir:
+            db.bin_dir = resolve(db.bin_dir)

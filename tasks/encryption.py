@@ -24,7 +24,8 @@ from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from tasks.errors import ConfigError, IntegrityError, StoreError
+from tasks.errors import ConfigError, IntegrityError, StoreError, TransientStoreError
+from tasks.retries import is_transient
 
 MAGIC = b"RBENC01\n"
 BLOCK = 1 << 20  # plaintext bytes per frame
@@ -78,13 +79,18 @@ def _kms(cfg: EncryptionConfig) -> Any:
                       connect_timeout=10, read_timeout=30))
 
 
+def _kms_error(message: str, exc: Exception) -> Exception:
+    """Throttling and outages are retried; a wrong or disabled key is not."""
+    return TransientStoreError(message) if is_transient(exc) else StoreError(message)
+
+
 def _new_data_key(cfg: EncryptionConfig) -> tuple[bytes, dict[str, str]]:
     """A fresh 256-bit data key and the header fields that let it be unwrapped later."""
     if cfg.mode == "kms":
         try:
             r = _kms(cfg).generate_data_key(KeyId=cfg.kms_key_id, KeySpec="AES_256")
         except Exception as exc:  # noqa: BLE001 - boto errors carry no secrets
-            raise StoreError(f"KMS generate_data_key with key {cfg.kms_key_id}: {exc}") from None
+            raise _kms_error(f"KMS generate_data_key with key {cfg.kms_key_id}: {exc}", exc) from None
         return r["Plaintext"], {"source": "kms", "key_id": r.get("KeyId", cfg.kms_key_id or ""),
                                 "wrapped": base64.b64encode(r["CiphertextBlob"]).decode()}
     master = _read_key_file(cfg.key_file)  # type: ignore[arg-type]
@@ -117,7 +123,7 @@ def _unwrap(cfg: EncryptionConfig | None, header: dict[str, str]) -> bytes:
         try:
             return _kms(cfg).decrypt(CiphertextBlob=wrapped)["Plaintext"]
         except Exception as exc:  # noqa: BLE001
-            raise IntegrityError(f"KMS could not unwrap the data key ({header['key_id']}): {exc}") from None
+            raise _kms_error(f"KMS could not unwrap the data key ({header['key_id']}): {exc}", exc) from None
     if cfg is None or cfg.mode != "keyfile":
         raise ConfigError(f"backup is encrypted with local key {header['key_id']}; "
                           "configure the store's encryption key_file to read it")

@@ -39,3 +39,7 @@ class StoreError(RunbookError):
 
 class TransientStoreError(Exception):
     """A store call failed in a way that may pass on retry (5xx, throttling, refused)."""
+
+
+class DatabaseUnavailable(Exception):
+    """A database could not be reached for now (refused, timed out, shutting down)."""

@@ -24,7 +24,8 @@ from psycopg import sql
 from psycopg.conninfo import conninfo_to_dict, make_conninfo
 from pydantic import BaseModel, ConfigDict, Field, SecretStr
 
-from tasks.errors import DatabaseError
+from tasks.errors import DatabaseError, DatabaseUnavailable
+from tasks.retries import is_transient
 
 CHUNK = 1 << 20  # bytes read from pg_dump at a time
 LOCK_WAIT_MS = 120_000  # pg_dump's wait for its table locks
@@ -96,7 +97,10 @@ def connect(db: Database, dbname: str | None = None, autocommit: bool = False) -
         return psycopg.connect(make_conninfo(db.dsn, **params), autocommit=autocommit)
     except psycopg.OperationalError as exc:
         # `from None`: the original carries the conninfo in its chain of causes.
-        raise DatabaseError(f"{db.describe()}: cannot connect: {_scrub(str(exc), db)}") from None
+        message = f"{db.describe()}: cannot connect: {_scrub(str(exc), db)}"
+        if is_transient(exc):  # refused, timed out: worth a retry, unlike a bad password
+            raise DatabaseUnavailable(message) from None
+        raise DatabaseError(message) from None
 
 
 def _tool_env(db: Database, dbname: str | None = None) -> tuple[str, dict[str, str]]:
@@ -106,9 +110,8 @@ def _tool_env(db: Database, dbname: str | None = None) -> tuple[str, dict[str, s
     if dbname:
         params["dbname"] = dbname
     params.setdefault("connect_timeout", str(db.config.connect_timeout))
-    env = dict(os.environ)
-    env.pop("PGPASSWORD", None)
-    if password:
+    env = dict(os.environ)  # an inherited PGPASSWORD/PGPASSFILE still applies ...
+    if password:  # ... unless the DSN carries its own
         env["PGPASSWORD"] = str(password)
     return make_conninfo("", **params), env
 
@@ -153,27 +156,35 @@ class DatabaseState(BaseModel):
         return sum(self.tables.values())
 
 
-def read_state(conn: psycopg.Connection, schemas: list[str]) -> DatabaseState:
-    """Exact `count(*)` of every table and the value of every sequence in `schemas`."""
-    rels = conn.execute(
-        """SELECT n.nspname, c.relname, c.relkind FROM pg_class c
+def _relations(conn: psycopg.Connection, schemas: list[str], kind: str) -> list[tuple[str, str]]:
+    return conn.execute(
+        """SELECT n.nspname, c.relname FROM pg_class c
            JOIN pg_namespace n ON n.oid = c.relnamespace
-           WHERE n.nspname = ANY(%s) AND c.relkind IN ('r', 'S')
-           ORDER BY 1, 2""",
-        (schemas,),
-    ).fetchall()
+           WHERE n.nspname = ANY(%s) AND c.relkind = %s ORDER BY 1, 2""",
+        (schemas, kind)).fetchall()
+
+
+def read_sequences(conn: psycopg.Connection, schemas: list[str]) -> dict[str, int]:
+    """The last value handed out by every sequence in `schemas`."""
+    out = {}
+    q = sql.SQL("SELECT CASE WHEN is_called THEN last_value ELSE last_value - 1 END FROM {}")
+    for schema, name in _relations(conn, schemas, "S"):
+        out[f"{schema}.{name}"] = int(conn.execute(q.format(sql.Identifier(schema, name))).fetchone()[0])
+    return out
+
+
+def read_state(conn: psycopg.Connection, schemas: list[str],
+               sequences: dict[str, int] | None = None) -> DatabaseState:
+    """Exact `count(*)` of every table and the value of every sequence in `schemas`
+    (sequences read here unless already read by the caller)."""
     state = DatabaseState(
         server_version=str(conn.execute("SHOW server_version").fetchone()[0]),
         size_bytes=int(conn.execute("SELECT pg_database_size(current_database())").fetchone()[0]),
+        sequences=sequences if sequences is not None else read_sequences(conn, schemas),
     )
-    for schema, name, kind in rels:
-        ident = sql.Identifier(schema, name)
-        if kind == "r":
-            q = sql.SQL("SELECT count(*) FROM {}").format(ident)
-            state.tables[f"{schema}.{name}"] = int(conn.execute(q).fetchone()[0])
-        else:
-            q = sql.SQL("SELECT CASE WHEN is_called THEN last_value ELSE last_value - 1 END FROM {}")
-            state.sequences[f"{schema}.{name}"] = int(conn.execute(q.format(ident)).fetchone()[0])
+    for schema, name in _relations(conn, schemas, "r"):
+        q = sql.SQL("SELECT count(*) FROM {}").format(sql.Identifier(schema, name))
+        state.tables[f"{schema}.{name}"] = int(conn.execute(q).fetchone()[0])
     return state
 
 
@@ -200,8 +211,10 @@ class DumpStream:
 def dump(db: Database) -> Iterator[DumpStream]:
     """Run `pg_dump -Fc -Z0` in an exported snapshot and yield its output as it comes.
 
-    Row counts and sequence values are read in the same snapshot, in a thread, while
-    the dump streams. On leaving, pg_dump's exit code is checked; any failure kills it.
+    Row counts are read in the same snapshot, in a thread, while the dump streams.
+    Sequences are not transactional, so they are read before pg_dump starts: the
+    manifest's value is then never above what the dump holds. On leaving, pg_dump's
+    exit code is checked; any failure kills it.
     """
     pg_dump = find_tool(db, "pg_dump")
     conn = connect(db)
@@ -209,6 +222,7 @@ def dump(db: Database) -> Iterator[DumpStream]:
     try:
         conn.execute("BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY")
         snapshot = str(conn.execute("SELECT pg_export_snapshot()").fetchone()[0])
+        sequences = read_sequences(conn, db.config.schemas)
         conninfo, env = _tool_env(db)
         stderr = _Tail()
         proc = subprocess.Popen(
@@ -223,7 +237,7 @@ def dump(db: Database) -> Iterator[DumpStream]:
 
         def count() -> None:
             try:
-                result.state = read_state(conn, db.config.schemas)
+                result.state = read_state(conn, db.config.schemas, sequences)
             except BaseException as exc:  # noqa: BLE001 - re-raised in the caller's thread
                 counted.append(exc)
 

@@ -14,7 +14,7 @@ from typing import Any
 
 import httpx
 
-from tasks.errors import RunbookError, TransientStoreError
+from tasks.errors import DatabaseUnavailable, RunbookError, TransientStoreError
 
 RETRIES = 3
 # Exponential backoff; RUNBOOKS_RETRY_DELAY_SCALE shrinks or stretches it (tests use 0.01).
@@ -30,7 +30,7 @@ def is_transient(exc: BaseException) -> bool:
     """True when `exc` is the kind of failure that a later attempt may not meet."""
     if isinstance(exc, RunbookError):
         return False
-    if isinstance(exc, (TransientStoreError, ConnectionError, TimeoutError, socket.timeout,
+    if isinstance(exc, (TransientStoreError, DatabaseUnavailable, ConnectionError, TimeoutError, socket.timeout,
                         subprocess.TimeoutExpired)):
         return True
     if isinstance(exc, httpx.HTTPStatusError):

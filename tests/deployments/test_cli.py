@@ -57,3 +57,13 @@ def test_errors_are_one_line_without_traceback(sample_db, tmp_path, write_config
         assert proc.returncode == 2, proc.stderr
         assert expected in proc.stderr and "Traceback" not in proc.stderr + proc.stdout
         assert len(proc.stderr.strip().splitlines()) == 1
+
+
+def test_a_failed_run_prints_no_traceback(sample_db, tmp_path, write_config):
+    path = write_config(local_config(sample_db, tmp_path / "store"))
+    proc = _cli("restore-test", "orders", env={"RUNBOOKS_CONFIG": str(path)})
+    assert proc.returncode == 2  # an operator error inside the run: exit 2, like one before it
+    assert "Traceback" not in proc.stderr + proc.stdout
+    assert proc.stderr.strip().splitlines()[-1] == \
+        f"error: no backups of database 'orders' in store 'primary' ({tmp_path / 'store'})"
+    assert "Starting temporary server" not in proc.stderr

@@ -16,7 +16,7 @@ from flows.backup_database import backup_database
 from flows.restore_test import restore_test
 from tasks import backups, postgres
 from tasks.config import load_settings
-from tasks.errors import DatabaseError, IntegrityError, InvalidBackupId, VerificationError
+from tasks.errors import DatabaseError, DatabaseUnavailable, IntegrityError, InvalidBackupId, VerificationError
 from tests.conftest import free_port
 from tests.faults import FaultProxy
 
@@ -156,7 +156,7 @@ def test_wrong_password_names_the_target_and_hides_the_password(password_pg, tmp
 
 def test_refused_connection_is_one_clear_line(tmp_path, write_config):
     write_config(local_config(f"postgresql://app:pa55-word@127.0.0.1:{free_port()}/orders", tmp_path / "s"))
-    with pytest.raises(DatabaseError, match=r"^database 'orders' .*cannot connect.*refused") as err:
+    with pytest.raises(DatabaseUnavailable, match=r"^database 'orders' .*cannot connect.*refused") as err:
         backup_database("orders")
     assert "pa55-word" not in str(err.value)
 
@@ -292,3 +292,12 @@ def test_dry_run_changes_nothing(sample_db, tmp_path, write_config):
     assert result.dry_run and result.backup_id is None and len(result.plan) == 2
     assert backups.list_backups(load_settings().open_store("primary")) == []
     assert os.listdir(tmp_path / "store") == []
+
+
+def test_restore_test_dry_run_restores_nothing(sample_db, pg_admin, tmp_path, write_config):
+    write_config(local_config(sample_db, tmp_path / "store"))
+    bid = backup_database("orders").backup_id
+    plan = restore_test("orders", dry_run=True)
+    assert plan.dry_run and plan.backup_id == bid and not plan.passed and len(plan.plan) == 3
+    assert scratch_databases(pg_admin, sample_db) == []
+    assert backups.load_verification(load_settings().open_store("primary"), bid) is None

@@ -39,3 +39,31 @@ def test_retention_dry_run_then_real(sample_db, tmp_path, write_config):
     assert sorted(b.manifest.id for b in backups.list_backups(store)) == sorted([ids[1], ids[3]])
     assert store.list(f"{ids[0]}/") == []  # the dump went too, not only the manifest
     assert done.freed_bytes > 0
+
+
+def test_replica_keeps_the_newest_verified_and_orphans_go(sample_db, tmp_path, write_config):
+    import os
+
+    write_config(local_config(sample_db, tmp_path / "store", extra="retention_days = 30").replace(
+        'path = "', 'replica = "dr"\npath = "') + f'\n[stores.dr]\nkind = "local"\npath = "{tmp_path / "dr"}"\n')
+    ids = [backup_database("orders").backup_id for _ in range(3)]
+    settings = load_settings()
+    primary, dr = settings.open_store("primary"), settings.open_store("dr")
+    for store in (primary, dr):
+        _age(store, ids[0], 60)
+        _age(store, ids[1], 50)
+    # only the primary holds restore-test records
+    backups.save_verification(primary, backups.Verification(
+        backup_id=ids[1], passed=True, checked_at=datetime.now(timezone.utc), time_to_verified_seconds=1))
+    old_orphan = tmp_path / "dr" / "orders-20200101T000000Z-abcd" / "dump.zst"
+    new_orphan = tmp_path / "dr" / "orders-20261123T000000Z-beef" / "dump.zst"
+    for path in (old_orphan, new_orphan):
+        path.parent.mkdir(parents=True)
+        path.write_bytes(b"half a backup")
+    os.utime(old_orphan, (0, 0))
+
+    done = backup_retention(database="orders")
+    assert done.deleted == {"orders@primary": [ids[0]], "orders@dr": [ids[0]]}
+    assert done.orphans == {"orders@primary": [], "orders@dr": ["orders-20200101T000000Z-abcd"]}
+    assert sorted(b.manifest.id for b in backups.list_backups(dr)) == sorted(ids[1:])
+    assert not old_orphan.exists() and new_orphan.exists()
