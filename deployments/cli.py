@@ -154,14 +154,15 @@ def run_backup(database: str, dry_run: bool = typer.Option(False, "--dry-run")) 
 
 
 @app.command("restore-test")
-def run_restore_test(database: str, backup_id: Optional[str] = typer.Option(None, "--backup-id")) -> None:
-    """Restore-test DATABASE's newest backup (or --backup-id) now."""
+def run_restore_test(database: str, backup_id: Optional[str] = typer.Option(None, "--backup-id"),
+                     dry_run: bool = typer.Option(False, "--dry-run")) -> None:
+    """Restore-test DATABASE's newest backup (or --backup-id) now (--dry-run: the plan only)."""
     from flows.restore_test import restore_test
 
     load_settings().database(database)
     if backup_id:
         backups.check_backup_id(backup_id)
-    restore_test(database=database, backup_id=backup_id)
+    restore_test(database=database, backup_id=backup_id, dry_run=dry_run)
 
 
 @app.command("retention")

@@ -51,8 +51,7 @@ def backup_database(database: str, dry_run: bool = False) -> BackupResult:
     db = settings.database(database)
     store = settings.open_store(db.config.store)
     enc = settings.encryption(db.config.store)
-    store_config = settings.store(db.config.store)
-    replica_name = store_config.replica
+    replica_name = settings.store(db.config.store).replica
     replica = settings.open_store(replica_name) if replica_name else None
 
     with RunReport("Backup", database) as run:
@@ -69,7 +68,7 @@ def backup_database(database: str, dry_run: bool = False) -> BackupResult:
                         manifest.toc_entries = check_integrity(db, store, manifest, enc)
                         step.detail = f"{manifest.toc_entries} archive entries, sha256 ok"
                     manifest.integrity_checked_at = datetime.now(timezone.utc)
-                    manifest.server_side_encryption = getattr(store_config, "sse_kms_key_id", None)
+                    manifest.server_side_encryption = store.sse_kms_key_id
                     with run.step("write manifest"):
                         backups.save_manifest(store, manifest)
                 except BaseException:

@@ -14,7 +14,7 @@ from pydantic import BaseModel
 
 from flows._common import announce
 from tasks import backups, postgres
-from tasks.backup_tasks import (drop_scratch, fail_verification, fetch_and_check,
+from tasks.backup_tasks import (create_scratch, drop_scratch, fail_verification, fetch_and_check,
                                 restore_into_scratch, run_amcheck, verify_restored)
 from tasks.backups import Verification
 from tasks.concurrency import exclusive
@@ -87,8 +87,11 @@ def restore_test(database: str, backup_id: str | None = None, dry_run: bool = Fa
                         spooled = fetch_and_check(db, store, manifest, enc, work)
                         step.detail = f"{spooled.entries} archive entries"
                     try:
+                        with run.step("create scratch database") as step:
+                            step.detail = scratch
+                            create_scratch(db, scratch)
                         with run.step(RESTORE_STEP) as step:
-                            step.detail = f"{scratch}, pg_restore --jobs={db.config.jobs} --exit-on-error"
+                            step.detail = f"pg_restore --jobs={db.config.jobs} --exit-on-error"
                             restore_seconds = restore_into_scratch(db, spooled.path, scratch)
                         spooled.path.unlink(missing_ok=True)
                         with run.step("compare with manifest") as step:
@@ -134,8 +137,9 @@ def restore_test(database: str, backup_id: str | None = None, dry_run: bool = Fa
 
 
 def _backup_is_at_fault(run: RunReport, exc: Exception) -> bool:
-    """A corrupt object, a mismatch or a failed pg_restore condemns the backup; an outage
-    of the store, KMS or the server does not (the test is simply retried later)."""
+    """A corrupt or unreadable archive, a mismatch, pg_amcheck findings or a failed
+    pg_restore condemn the backup; an outage of the store, KMS or the server, or a
+    scratch database that cannot be created, does not (the next test tries again)."""
     failed = [s.name for s in run.steps if s.outcome == "failed"]
     return isinstance(exc, (IntegrityError, VerificationError)) or RESTORE_STEP in failed
 

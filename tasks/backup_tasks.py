@@ -79,7 +79,8 @@ def copy_to_replica(source: Store, replica: Store, manifest: Manifest) -> Replic
         raise IntegrityError(f"backup {manifest.id}: replica copy in {replica.describe()} has "
                              f"sha256 {put.sha256[:12]}..., expected {manifest.sha256[:12]}...")
     copy = ReplicaCopy(store=replica.name, sha256=put.sha256, copied_at=datetime.now(timezone.utc))
-    backups.save_manifest(replica, manifest.model_copy(update={"replica": copy}))
+    backups.save_manifest(replica, manifest.model_copy(
+        update={"replica": copy, "server_side_encryption": replica.sse_kms_key_id}))
     return copy
 
 
@@ -111,11 +112,17 @@ def fetch_and_check(db: Database, store: Store, manifest: Manifest,
     return SpooledDump(path=path, entries=entries, seconds=time.monotonic() - t0)
 
 
+@task(name="create-scratch", cache_policy=NO_CACHE, **RETRY_OPTIONS)
+def create_scratch(db: Database, scratch: str) -> None:
+    """Create the empty scratch database (on the same server as the production one)."""
+    if not postgres.database_exists(db, scratch):
+        postgres.create_database(db, scratch)
+
+
 @task(name="restore-into-scratch", cache_policy=NO_CACHE)
 def restore_into_scratch(db: Database, archive: Path, scratch: str) -> float:
-    """Create the scratch database and pg_restore into it (--exit-on-error, parallel)."""
+    """pg_restore into the scratch database (--exit-on-error, parallel jobs)."""
     t0 = time.monotonic()
-    postgres.create_database(db, scratch)
     postgres.pg_restore(db, scratch, archive, jobs=db.config.jobs)
     return time.monotonic() - t0
 

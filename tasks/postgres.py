@@ -24,7 +24,7 @@ from psycopg import sql
 from psycopg.conninfo import conninfo_to_dict, make_conninfo
 from pydantic import BaseModel, ConfigDict, Field, SecretStr
 
-from tasks.errors import DatabaseError, DatabaseUnavailable
+from tasks.errors import DatabaseError, DatabaseUnavailable, IntegrityError, VerificationError
 from tasks.retries import is_transient
 
 CHUNK = 1 << 20  # bytes read from pg_dump at a time
@@ -303,7 +303,8 @@ def restore_list(db: Database, archive: Path | None, stdin_chunks: Iterator[byte
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     out, err = _feed(proc, stdin_chunks, timeout)
     if proc.returncode != 0:
-        raise DatabaseError(f"pg_restore --list failed (exit {proc.returncode}): {_first(err)}")
+        raise IntegrityError(f"the archive is unreadable: pg_restore --list failed "
+                             f"(exit {proc.returncode}): {_first(err)}")
     return [ln for ln in out.decode(errors="replace").splitlines() if ln and not ln.startswith(";")]
 
 
@@ -400,6 +401,6 @@ def amcheck(db: Database, dbname: str, timeout: float = 3600) -> str | None:
                            f"--maintenance-db={conninfo}", f"--database={dbname}"],
                           capture_output=True, env=env, timeout=timeout)
     if proc.returncode != 0:
-        raise DatabaseError(f"{db.describe()}: pg_amcheck found problems in '{dbname}': "
+        raise VerificationError(f"{db.describe()}: pg_amcheck found problems in '{dbname}': "
                             f"{_scrub(_first(proc.stdout + proc.stderr), db)}")
     return "ok"

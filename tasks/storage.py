@@ -87,6 +87,7 @@ class Store(ABC):
     """What a backup store can do. Subclasses: LocalStore, S3Store."""
 
     name: str
+    sse_kms_key_id: str | None = None  # the KMS key S3 encrypts objects with, if any
 
     @abstractmethod
     def describe(self) -> str:
@@ -211,6 +212,7 @@ class S3Store(Store):
         self.name = name
         self.config = config
         self.bucket = config.bucket
+        self.sse_kms_key_id = config.sse_kms_key_id
         self.prefix = config.prefix.strip("/") + "/" if config.prefix.strip("/") else ""
         creds: dict[str, Any] = {}
         if config.access_key_id and config.secret_access_key:

@@ -301,3 +301,20 @@ def test_restore_test_dry_run_restores_nothing(sample_db, pg_admin, tmp_path, wr
     assert plan.dry_run and plan.backup_id == bid and not plan.passed and len(plan.plan) == 3
     assert scratch_databases(pg_admin, sample_db) == []
     assert backups.load_verification(load_settings().open_store("primary"), bid) is None
+
+
+def test_an_archive_pg_restore_cannot_read_condemns_the_backup(sample_db, pg_admin, tmp_path, write_config):
+    """The object checks out (sha256, zstd) but is no pg_dump archive: nothing is restored."""
+    write_config(local_config(sample_db, tmp_path / "store"))
+    good = backup_database("orders").backup_id
+    store = load_settings().open_store("primary")
+    m = backups.load_manifest(store, good)
+    bad_id = backups.new_backup_id("orders")
+    put, raw = backups.write_dump(store, backups.data_key(bad_id, False), [b"not an archive" * 1000], 3, None)
+    backups.save_manifest(store, m.model_copy(update={
+        "id": bad_id, "object_key": backups.data_key(bad_id, False), "sha256": put.sha256,
+        "stored_bytes": put.size, "dump_bytes": raw}))
+    with pytest.raises(IntegrityError, match="archive is unreadable"):
+        restore_test("orders", backup_id=bad_id)
+    assert scratch_databases(pg_admin, sample_db) == []
+    assert backups.load_verification(store, bad_id).passed is False
