@@ -48,7 +48,7 @@ import threading
 import time
 import traceback
 import warnings
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -56,7 +56,7 @@ REPO = Path(__file__).resolve().parent.parent
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
-from deployments.environment import quiet_prefect  # noqa: E402  (does not import prefect)
+from deployments.environment import quiet_prefect  # does not import prefect
 
 MB = 1_000_000  # throughput and sizes in the table: decimal MB, as the manifest's MB/s
 MiB = 1 << 20  # --size-mb and memory: binary, as demo.sample_data --size-mb
@@ -171,7 +171,7 @@ def tool_conninfo(dsn: str) -> tuple[str, dict[str, str]]:
 
 def version_of(cmd: list[str]) -> str:
     try:
-        out = subprocess.run(cmd, capture_output=True, text=True, timeout=30)
+        out = subprocess.run(cmd, capture_output=True, text=True, timeout=30, check=False)
     except OSError as exc:
         return f"unavailable ({exc.strerror})"
     text = (out.stdout or out.stderr).strip().splitlines()
@@ -304,6 +304,16 @@ class Bench:
         with psycopg.connect(self.admin_dsn, autocommit=True) as conn:
             return int(conn.execute("SELECT pg_database_size(%s)", (name,)).fetchone()[0])
 
+    def settle(self) -> None:
+        """Before each timed measurement: flush PostgreSQL's dirty buffers and the OS's
+        dirty pages, so one measurement's writes are not paid for by the next one."""
+        import psycopg
+
+        with contextlib.suppress(psycopg.Error), \
+                psycopg.connect(self.admin_dsn, autocommit=True) as conn:
+            conn.execute("CHECKPOINT")
+        os.sync()
+
     def tool(self, name: str) -> str:
         assert self.bin_dir is not None
         return str(self.bin_dir / name)
@@ -364,6 +374,7 @@ class Bench:
         then VACUUM ANALYZE and CHECKPOINT so no first-read hint-bit writes or autovacuum
         skew the measurements."""
         import psycopg
+
         from demo.sample_data import build, rows_for_size
 
         rows = rows_for_size(int(size_mb * MiB))
@@ -379,7 +390,7 @@ class Bench:
                     while not stop.wait(10):
                         size = conn.execute("SELECT pg_database_size(%s)", (name,)).fetchone()[0]
                         say(f"  ... {size / MiB:,.0f} MB on disk after {time.monotonic() - t0:.0f} s")
-            except Exception:  # noqa: BLE001 - progress only
+            except Exception:  # noqa: BLE001, S110 - progress only
                 pass
 
         watcher = threading.Thread(target=watch, name="build-progress", daemon=True)
@@ -430,7 +441,7 @@ class Bench:
         quarter_mb = size_mb / 4
         self.results = {
             "benchmark": "backup_restore",
-            "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            "date": datetime.now(UTC).isoformat(timespec="seconds"),
             "quick": bool(args.quick),
             "repeat": args.repeat,
             "machine": self.machine(),
@@ -472,6 +483,7 @@ class Bench:
         raw_runs, our_runs = [], []
         for i in range(self.args.repeat):
             n = f" ({i + 1}/{self.args.repeat})" if self.args.repeat > 1 else ""
+            self.settle()
             say(f"raw pipeline: pg_dump -Fc -Z0 | zstd -3 -q > file{n}...")
             run = self.run_pipeline("raw backup", [
                 [self.tool("pg_dump"), "-Fc", "-Z0", f"--dbname={conninfo}"],
@@ -486,6 +498,7 @@ class Bench:
             say(f"  {run['seconds']:.1f} s, {run['throughput_mb_s']:.0f} MB/s, "
                 f"{run['bytes'] / MB:,.1f} MB written")
 
+            self.settle()
             say(f"our backup flow: backup_database(database='bench'){n}...")
             self_before, kids_before = (resource.getrusage(resource.RUSAGE_SELF),
                                         resource.getrusage(resource.RUSAGE_CHILDREN))
@@ -543,6 +556,7 @@ class Bench:
             target = f"{self.prefix}_raw"
             dsn = self.create_db(target)
             conninfo, env = tool_conninfo(dsn)
+            self.settle()
             say(f"raw restore: pg_restore -j2 --exit-on-error -d <new db> <dump>{n}...")
             run = self.run_pipeline("raw restore", [
                 [self.tool("pg_restore"), "-j2", "--exit-on-error", "-d", conninfo, str(plain)]],
@@ -551,6 +565,7 @@ class Bench:
             raw_runs.append(run)
             say(f"  {run['seconds']:.1f} s")
 
+            self.settle()
             say(f"our restore-test flow: restore_test(database='bench'){n}...")
             meter = CpuMeter()
             t0 = time.perf_counter()
@@ -587,6 +602,7 @@ class Bench:
         assert self.work is not None
         conninfo, env = tool_conninfo(conninfo_for(self.admin_dsn, db["name"]))
         sql_gz = self.work / "reference.sql.gz"
+        self.settle()
         say("reference dump: pg_dump -Fp | gzip > file.sql.gz (timed separately)...")
         dump = self.run_pipeline("reference dump", [
             [self.tool("pg_dump"), "-Fp", f"--dbname={conninfo}"], [GZIP]], env=env, stdout=sql_gz)
@@ -594,6 +610,7 @@ class Bench:
         say(f"  {dump['seconds']:.1f} s, {dump['bytes'] / MB:,.1f} MB")
         target = f"{self.prefix}_ref"
         tconn, tenv = tool_conninfo(self.create_db(target))
+        self.settle()
         say("reference restore: gunzip -c file.sql.gz | psql -q -v ON_ERROR_STOP=1 -d <new db>...")
         restore = self.run_pipeline("reference restore", [
             [GZIP, "-d", "-c", str(sql_gz)],
@@ -613,6 +630,7 @@ class Bench:
         conninfo, env = tool_conninfo(conninfo_for(self.admin_dsn, db["name"]))
         plain = self.work / "raw.dump"
         out: dict[str, Any] = {"dump_bytes": plain.stat().st_size}
+        self.settle()
         run = self.run_pipeline("pg_dump alone", [
             [self.tool("pg_dump"), "-Fc", "-Z0", f"--dbname={conninfo}"]], env=env)
         out["pg_dump_to_devnull"] = run
@@ -686,6 +704,14 @@ class Bench:
 
         settings = load_settings()
         database = settings.database("bench")
+        # The exact row counts the dump task reads in the same snapshot, alone.
+        self.settle()
+        t0 = time.perf_counter()
+        with postgres.connect(database) as conn:
+            postgres.read_state(conn, database.config.schemas)
+        out["exact_row_counts_seconds"] = round(time.perf_counter() - t0, 3)
+
+        self.settle()
         meter = CpuMeter()
         t0 = time.perf_counter()
         n = 0
@@ -695,9 +721,10 @@ class Bench:
         out["postgres_dump_stream_to_nothing"] = {
             "seconds": round(time.perf_counter() - t0, 3), "bytes": n, "cpu_busy_share": meter.stop()}
 
-        t0 = time.perf_counter()
         scratch = LocalStore("breakdown", LocalStoreConfig(path=self.work / "breakdown-store"))
+        self.settle()
         meter = CpuMeter()
+        t0 = time.perf_counter()
         with postgres.dump(database) as stream:
             backups.write_dump(scratch, "x/dump.zst", stream.chunks, 3, None)
         out["dump_and_write_dump_no_prefect"] = {
@@ -714,7 +741,8 @@ class Bench:
             f"{b['python_stages_one_thread']['sha256_seconds']:.1f} s + write "
             f"{b['python_stages_one_thread']['write_seconds']:.1f} s + fsync "
             f"{b['python_stages_one_thread']['fsync_seconds']:.1f} s")
-        say(f"  postgres.dump -> nothing {b['postgres_dump_stream_to_nothing']['seconds']:.1f} s; "
+        say(f"  exact row counts alone {b['exact_row_counts_seconds']:.1f} s; "
+            f"postgres.dump -> nothing {b['postgres_dump_stream_to_nothing']['seconds']:.1f} s; "
             f"postgres.dump + write_dump without Prefect "
             f"{b['dump_and_write_dump_no_prefect']['seconds']:.1f} s")
         return out
@@ -771,7 +799,7 @@ class Bench:
         except Exception:  # noqa: BLE001 - a breakdown is a courtesy
             return {}
         steps = {}
-        for m in re.finditer(r"^\| (.+?) \| \d\d:\d\d:\d\d \| ([0-9.]+) \| (\w+) \|", text, re.M):
+        for m in re.finditer(r"^\| (.+?) \| \d\d:\d\d:\d\d \| ([0-9.]+) \| (\w+) \|", text, re.MULTILINE):
             steps[m.group(1)] = float(m.group(2))
         return steps
 
@@ -830,7 +858,7 @@ class Bench:
             ratio = row["ratio"]
             is_mib = row.get("target_key", "").startswith("rss_") and row.get("target_key") != "rss_flatness"
             cells.append([row["measure"], row["ours"], row["baseline"],
-                          "-" if is_mib else f"{ratio:.2f}",
+                          "-" if is_mib else f"{ratio:.3f}",
                           row["target"] or "-", row["pass"] or "-"])
         widths = [max(len(str(c[i])) for c in cells + [headers]) for i in range(len(headers))]
         align = ["<", ">", ">", ">", "<", "<"]
@@ -855,11 +883,19 @@ class Bench:
             f"our Python stages alone {py['total_seconds']:.1f} s (zstd {py['zstd_level3_seconds']:.1f}, "
             f"sha256 {py['sha256_seconds']:.1f}, write {py['write_seconds']:.1f}, "
             f"fsync {py['fsync_seconds']:.1f})")
-        say(f"          postgres.dump read by Python, discarded "
+        say(f"          exact row counts alone {bk['exact_row_counts_seconds']:.1f} s; "
+            f"postgres.dump read by Python, discarded "
             f"{bk['postgres_dump_stream_to_nothing']['seconds']:.1f} s; dump + write_dump without "
             f"Prefect {bk['dump_and_write_dump_no_prefect']['seconds']:.1f} s; "
             f"flow steps: " + ", ".join(f"{k} {v:.1f} s" for k, v in ours_b["steps"].items()))
-        say(f"  restore: flow steps: " + ", ".join(f"{k} {v:.1f} s" for k, v in ours_r["steps"].items()))
+        say("  restore: flow steps: " + ", ".join(f"{k} {v:.1f} s" for k, v in ours_r["steps"].items()))
+        if not ours_r["amcheck"]:
+            say("  note: pg_amcheck/amcheck is not available on this server, so time to verified "
+                "excludes it (the flow skips it)")
+        load = r["machine"]["loadavg_at_start"]
+        if load and load[0] > 0.5:
+            say(f"  note: the machine was not idle at the start (load {load[0]:.2f}); "
+                "figures may be noisy, consider --repeat 5")
 
     # ---------------------------------------------------------------- context
 
@@ -875,7 +911,11 @@ class Bench:
             for line in Path("/proc/meminfo").read_text().splitlines():
                 if line.startswith("MemTotal"):
                     mem = int(line.split()[1]) // 1024
+        load: list[float] = []
+        with contextlib.suppress(OSError):
+            load = [float(x) for x in Path("/proc/loadavg").read_text().split()[:3]]
         return {"nproc": len(os.sched_getaffinity(0)), "cpu_count": os.cpu_count(),
+                "loadavg_at_start": load,
                 "cpu_model": model, "mem_total_mib": mem, "kernel": platform.release(),
                 "platform": platform.platform(), "hostname": platform.node()}
 
@@ -973,6 +1013,11 @@ def main(argv: list[str] | None = None) -> int:
     if args.rss_child:
         return rss_child(*args.rss_child)
     signal.signal(signal.SIGTERM, _sigterm)
+    from deployments import environment
+
+    tidy = getattr(environment, "tidy_prefect_logs", None)
+    if tidy is not None:
+        tidy()  # no temporary-server chatter under --verbose either
     bench = Bench(args)
     try:
         bench.run()
