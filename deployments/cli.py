@@ -167,13 +167,15 @@ def run_restore_test(database: str, backup_id: Optional[str] = typer.Option(None
 
 @app.command("retention")
 def run_retention(database: Optional[str] = typer.Option(None),
-                  dry_run: bool = typer.Option(False, "--dry-run")) -> None:
-    """Apply backup retention now (--dry-run lists what would go)."""
+                  dry_run: bool = typer.Option(False, "--dry-run"),
+                  yes: bool = typer.Option(False, "--yes", help="approve the deletion up front")) -> None:
+    """Apply backup retention now (--dry-run lists what would go). Without --yes the run
+    waits for approval in the Prefect UI before deleting anything."""
     from flows.backup_retention import backup_retention
 
     if database:
         load_settings().database(database)
-    backup_retention(database=database, dry_run=dry_run)
+    backup_retention(database=database, dry_run=dry_run, auto_approve=yes)
 
 
 @app.command("serve")

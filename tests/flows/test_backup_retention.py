@@ -3,11 +3,16 @@ verified backup and the newest of all."""
 
 from __future__ import annotations
 
+import threading
+import time
 from datetime import datetime, timedelta, timezone
+
+import pytest
 
 from flows.backup_database import backup_database
 from flows.backup_retention import backup_retention
 from tasks import backups
+from tasks.approval import NotApproved
 from tasks.config import load_settings
 from tests.flows.test_backup_and_restore import local_config
 
@@ -34,7 +39,8 @@ def test_retention_dry_run_then_real(sample_db, tmp_path, write_config):
     assert sorted(plan.deleted["orders@primary"]) == sorted([ids[0], ids[2]])
     assert len(backups.list_backups(store)) == 4  # nothing deleted
 
-    done = backup_retention(database="orders")
+    done = backup_retention(database="orders", auto_approve=True)
+    assert done.approved_by == "auto_approve"
     assert sorted(done.deleted["orders@primary"]) == sorted([ids[0], ids[2]])
     assert sorted(b.manifest.id for b in backups.list_backups(store)) == sorted([ids[1], ids[3]])
     assert store.list(f"{ids[0]}/") == []  # the dump went too, not only the manifest
@@ -62,8 +68,49 @@ def test_replica_keeps_the_newest_verified_and_orphans_go(sample_db, tmp_path, w
         path.write_bytes(b"half a backup")
     os.utime(old_orphan, (0, 0))
 
-    done = backup_retention(database="orders")
+    done = backup_retention(database="orders", auto_approve=True)
     assert done.deleted == {"orders@primary": [ids[0]], "orders@dr": [ids[0]]}
     assert done.orphans == {"orders@primary": [], "orders@dr": ["orders-20200101T000000Z-abcd"]}
     assert sorted(b.manifest.id for b in backups.list_backups(dr)) == sorted(ids[1:])
     assert not old_orphan.exists() and new_orphan.exists()
+
+
+def _answer_when_paused(run_input: dict) -> threading.Thread:
+    """Resume the first paused flow run with `run_input`, as a person in the UI would."""
+    from prefect.client.orchestration import get_client
+    from prefect.flow_runs import resume_flow_run
+
+    def answer() -> None:
+        for _ in range(300):
+            with get_client(sync_client=True) as client:
+                # Plain API call: prefect 3.8.8's read_flow_runs sends nulls this server rejects.
+                runs = client.request("POST", "/flow_runs/filter", json={
+                    "flow_runs": {"state": {"type": {"any_": ["PAUSED"]}}},
+                    "limit": 1, "offset": 0, "sort": "START_TIME_DESC"}).json()
+            if runs:
+                resume_flow_run(runs[0]["id"], run_input=run_input)
+                return
+            time.sleep(0.2)
+
+    thread = threading.Thread(target=answer, daemon=True)
+    thread.start()
+    return thread
+
+
+def test_deletion_waits_for_approval(sample_db, tmp_path, write_config):
+    write_config(local_config(sample_db, tmp_path / "store", extra="retention_days = 30"))
+    ids = [backup_database("orders").backup_id for _ in range(2)]
+    store = load_settings().open_store("primary")
+    _age(store, ids[0], 60)
+
+    answer = _answer_when_paused({"approve": False, "approver": "bob", "reason": "not today"})
+    with pytest.raises(NotApproved, match="not approved.*bob: not today.*nothing changed"):
+        backup_retention(database="orders")
+    answer.join()
+    assert len(backups.list_backups(store)) == 2  # declined: nothing deleted
+
+    answer = _answer_when_paused({"approve": True, "approver": "alice", "reason": "monthly cleanup"})
+    done = backup_retention(database="orders")
+    answer.join()
+    assert done.approved_by == "alice" and done.deleted["orders@primary"] == [ids[0]]
+    assert [b.manifest.id for b in backups.list_backups(store)] == [ids[1]]
