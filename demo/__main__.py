@@ -87,7 +87,7 @@ Demo summary
   database      orders on embedded PostgreSQL {version}: {sum(counts.values()):,} rows in {len(counts)} tables
   backup        {backup.backup_id}
                 {human_bytes(backup.dump_bytes)} dump -> {human_bytes(backup.stored_bytes)} stored (zstd), \
-{backup.throughput_mb_s:.0f} MB/s, {backup.seconds:.1f} s dump+upload ({backup_wall:.1f} s whole flow)
+{backup.throughput_mb_s:.0f} MB/s, {backup.seconds:.1f} s dump+upload ({backup_wall:.1f} s for the flow, Prefect server start included)
                 integrity: sha256 ok, {backup.archive_entries} archive entries listed by pg_restore
   restore test  {"PASSED" if test.passed else "FAILED"}: {test.rows_checked:,} rows in {test.tables_checked} tables \
 match the manifest; pg_amcheck {test.amcheck or "not available"}
