@@ -21,9 +21,9 @@ def quiet_prefect() -> None:
         # (root shells, CI). Give it the private one it would fall back to anyway.
         runtime = Path(f"/tmp/runtime-{os.getuid()}")
         runtime.mkdir(mode=0o700, exist_ok=True)
-        if runtime.stat().st_uid == os.getuid():
+        if runtime.stat().st_uid == os.getuid():  # never someone else's directory
             runtime.chmod(0o700)
-        os.environ["XDG_RUNTIME_DIR"] = str(runtime)
+            os.environ["XDG_RUNTIME_DIR"] = str(runtime)
 
 
 _CHATTER = ("Starting temporary server", "Stopping temporary server", "Still processing items")

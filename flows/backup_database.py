@@ -120,8 +120,7 @@ def _figures(run: RunReport, m: backups.Manifest) -> None:
 def _plan(run: RunReport, db: postgres.Database, store: Store, replica: Store | None) -> BackupResult:
     plan = []
     with run.step("check database"):
-        with postgres.connect(db) as conn:
-            size = int(conn.execute("SELECT pg_database_size(current_database())").fetchone()[0])
+        size = postgres.database_size(db)
         plan.append(f"dump {db.describe()} ({human_bytes(size)}) with "
                     f"{postgres.find_tool(db, 'pg_dump')}")
     with run.step("check store"):

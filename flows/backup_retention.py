@@ -25,6 +25,7 @@ class RetentionResult(BaseModel):
     orphans: dict[str, list[str]] = {}
     freed_bytes: int = 0
     approved_by: str | None = None
+    sizes: dict[str, int] = {}  # stored bytes of each selected backup
 
 
 @flow(name="backup-retention", log_prints=True)
@@ -59,11 +60,7 @@ def backup_retention(database: str | None = None, dry_run: bool = False,
                     evidence.append(f"{label}: {verb} {kind}{backup_id}")
             for line in evidence:
                 print(line)
-            run.figure("Backups " + ("to delete" if dry_run else "deleted"),
-                       sum(len(v) for v in result.deleted.values()))
-            run.figure("Orphans " + ("to remove" if dry_run else "removed"),
-                       sum(len(v) for v in result.orphans.values()))
-            run.figure("Space " + ("to free" if dry_run else "freed"), human_bytes(result.freed_bytes))
+            _figures(run, result, done=False)
             if dry_run or not evidence:
                 run.outcome = "planned (dry run)" if dry_run else "nothing to delete"
                 return result
@@ -72,7 +69,12 @@ def backup_retention(database: str | None = None, dry_run: bool = False,
                 announce(settings, run, Severity.MEDIUM, f"Waiting for approval to {action}.")
             decision = approve(run, action, evidence, auto=auto_approve)
             result.approved_by = decision.approver
-            _delete(settings, names, plan, run)
+            gone = _delete(settings, names, plan, run)
+            sizes = {i: n for i, n in result.sizes.items() if any(i in ids for ids in gone.values())}
+            result.deleted = {k: [i for i in v if i in gone.get(k, [])] for k, v in result.deleted.items()}
+            result.orphans = {k: [i for i in v if i in gone.get(k, [])] for k, v in result.orphans.items()}
+            result.freed_bytes = sum(sizes.values())
+            _figures(run, result, done=True)
             return result
         except Exception as exc:
             run.outcome = "failed"
@@ -116,14 +118,29 @@ def _select(settings: Settings, names: list[str], run: RunReport,
             result.deleted[label] = [b.manifest.id for b in gone]
             result.kept[label] = [b.manifest.id for b in entries if b not in gone]
             result.orphans[label] = stray
+            result.sizes.update({b.manifest.id: b.manifest.stored_bytes for b in gone})
             result.freed_bytes += sum(b.manifest.stored_bytes for b in gone)
             plan[label] = result.deleted[label] + stray
     return plan
 
 
-def _delete(settings: Settings, names: list[str], plan: dict[str, list[str]], run: RunReport) -> None:
+def _figures(run: RunReport, result: RetentionResult, done: bool) -> None:
+    """Planned figures first; after deletion, what actually went."""
+    deleted, orphans = sum(map(len, result.deleted.values())), sum(map(len, result.orphans.values()))
+    for old, new in (("Backups to delete", "Backups deleted"), ("Orphans to remove", "Orphans removed"),
+                     ("Space to free", "Space freed")):
+        run.figures.pop(old if done else new, None)
+    run.figure("Backups deleted" if done else "Backups to delete", deleted)
+    run.figure("Orphans removed" if done else "Orphans to remove", orphans)
+    run.figure("Space freed" if done else "Space to free", human_bytes(result.freed_bytes))
+
+
+def _delete(settings: Settings, names: list[str], plan: dict[str, list[str]],
+            run: RunReport) -> dict[str, list[str]]:
     """Delete what was approved, re-checked under the database's lock: a backup that
-    stopped being expired meanwhile (e.g. it became the newest verified) stays."""
+    stopped being expired meanwhile (e.g. it became the newest verified) stays.
+    Returns what was deleted, per `<database>@<store>`."""
+    deleted: dict[str, list[str]] = {}
     for name in names:
         with exclusive("database", name):
             verified: dict[str, backups.Verification] = {}
@@ -137,3 +154,5 @@ def _delete(settings: Settings, names: list[str], plan: dict[str, list[str]], ru
                         store = settings.open_store(store_name)
                         for backup_id in doomed:
                             backups.delete_backup(store, backup_id)
+                            deleted.setdefault(label, []).append(backup_id)
+    return deleted

@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import secrets
+import sys
 import shutil
 import tempfile
 import time
 from datetime import datetime, timezone
 from pathlib import Path
 
-from prefect import flow
+from prefect import flow, get_run_logger
 from pydantic import BaseModel
 
 from flows._common import announce
@@ -19,7 +20,7 @@ from tasks.backup_tasks import (create_scratch, drop_scratch, fail_verification,
 from tasks.backups import Verification
 from tasks.concurrency import exclusive
 from tasks.config import load_settings
-from tasks.errors import IntegrityError, VerificationError
+from tasks.errors import DatabaseError, IntegrityError, VerificationError
 from tasks.notify import Severity
 from tasks.report import RunReport, first_line, human_bytes
 from tasks.storage import Store
@@ -73,16 +74,11 @@ def restore_test(database: str, backup_id: str | None = None, dry_run: bool = Fa
         scratch = f"{db.dbname[:40]}_restoretest_{secrets.token_hex(3)}"
         manifest = None
         try:
+            if dry_run:  # no lock: a plan must not wait behind a running backup
+                return _plan(run, db, _select(run, store, database, backup_id), scratch)
             with exclusive("database", database):
                 t0 = time.monotonic()  # the RTO clock starts once nothing else holds the database
-                with run.step("select backup") as step:
-                    manifest = backups.find_backup(store, database, backup_id).manifest
-                    step.detail = (f"{manifest.id} ({human_bytes(manifest.stored_bytes)}, "
-                                   f"taken {manifest.finished_at:%Y-%m-%d %H:%M} UTC)")
-                run.figure("Backup", manifest.id)
-                run.figure("Stored size", human_bytes(manifest.stored_bytes))
-                if dry_run:
-                    return _plan(run, db, manifest, scratch)
+                manifest = _select(run, store, database, backup_id)
                 work = Path(tempfile.mkdtemp(prefix="runbooks-restore-"))
                 try:
                     with run.step("integrity (sha256, decompress, pg_restore --list)") as step:
@@ -110,8 +106,7 @@ def restore_test(database: str, backup_id: str | None = None, dry_run: bool = Fa
                             step.detail = amcheck or "not available here (skipped)"
                         amcheck_seconds = time.monotonic() - t0 - verified_after
                     finally:
-                        with run.step("drop scratch database"):
-                            drop_scratch(db, scratch)
+                        _drop(run, db, scratch)
                 finally:
                     shutil.rmtree(work, ignore_errors=True)
             run.figure("Restore (pg_restore)", f"{restore_seconds:.1f} s")
@@ -141,23 +136,45 @@ def restore_test(database: str, backup_id: str | None = None, dry_run: bool = Fa
             raise
 
 
+def _select(run: RunReport, store: Store, database: str, backup_id: str | None) -> backups.Manifest:
+    with run.step("select backup") as step:
+        manifest = backups.find_backup(store, database, backup_id).manifest
+        step.detail = (f"{manifest.id} ({human_bytes(manifest.stored_bytes)}, "
+                       f"taken {manifest.finished_at:%Y-%m-%d %H:%M} UTC)")
+    run.figure("Backup", manifest.id)
+    run.figure("Stored size", human_bytes(manifest.stored_bytes))
+    return manifest
+
+
+def _drop(run: RunReport, db: postgres.Database, scratch: str) -> None:
+    """Drop the scratch database; if that fails while another error is on its way, say so
+    in the log and let the first error through (it is the one that matters)."""
+    failing = sys.exc_info()[1]
+    try:
+        with run.step("drop scratch database"):
+            drop_scratch(db, scratch)
+    except Exception as exc:
+        if failing is None:
+            raise
+        get_run_logger().warning("scratch database %s may be left behind: %s", scratch, first_line(exc))
+
+
 def _backup_is_at_fault(run: RunReport, exc: Exception) -> bool:
     """A corrupt or unreadable archive, a mismatch, pg_amcheck findings or a failed
     pg_restore condemn the backup; an outage of the store, KMS or the server, or a
     scratch database that cannot be created, does not (the next test tries again)."""
     failed = [s.name for s in run.steps if s.outcome == "failed"]
-    return isinstance(exc, (IntegrityError, VerificationError)) or RESTORE_STEP in failed
+    restore_failed = RESTORE_STEP in failed and isinstance(exc, DatabaseError)  # not an outage
+    return isinstance(exc, (IntegrityError, VerificationError)) or restore_failed
 
 
 def _plan(run: RunReport, db: postgres.Database, manifest: backups.Manifest, scratch: str) -> RestoreTestResult:
     with run.step("check server"):
-        with postgres.connect(db, dbname="postgres") as conn:
-            can_create = conn.execute(
-                "SELECT rolcreatedb OR rolsuper FROM pg_roles WHERE rolname = current_user").fetchone()
+        can_create = postgres.can_create_database(db)
     plan = [f"check {manifest.object_key} (sha256, decompress, pg_restore --list) in a temp dir "
             f"(needs {human_bytes(manifest.dump_bytes)} free)",
             f"restore into {scratch} on {db.describe()}"
-            + ("" if can_create and can_create[0] else " (WARNING: this role cannot CREATE DATABASE)"),
+            + ("" if can_create else " (WARNING: this role cannot CREATE DATABASE)"),
             f"compare {len(manifest.tables)} tables / {manifest.total_rows} rows with the manifest, "
             "pg_amcheck, drop the scratch database"]
     run.outcome = "planned (dry run)"
@@ -173,8 +190,17 @@ def _flow_run_id() -> str | None:
 
 
 def _record_failure(store: Store, backup_id: str, exc: Exception) -> None:
-    """Record a failed test so `backups list` stops calling the backup verified."""
+    """Record a failed test so `backups list` stops calling the backup verified.
+
+    A backup that passed once and still matches its sha256 cannot have gone bad: a later
+    failure other than an integrity one is the environment's (server, tools), so it does
+    not overwrite the passed record (retention keeps relying on it)."""
     try:
+        earlier = backups.load_verification(store, backup_id)
+        if earlier is not None and earlier.passed and not isinstance(exc, IntegrityError):
+            get_run_logger().warning("backup %s passed an earlier restore test; this failure is "
+                                     "not recorded against it: %s", backup_id, first_line(exc))
+            return
         backups.save_verification(store, Verification(
             backup_id=backup_id, passed=False, checked_at=datetime.now(timezone.utc),
             time_to_verified_seconds=0.0, mismatches=[first_line(exc)], flow_run_id=_flow_run_id()))

@@ -4,6 +4,7 @@ and drills pass `auto_approve=True`. Either way the decision goes into the repor
 
 from __future__ import annotations
 
+from prefect.exceptions import FlowPauseTimeout
 from prefect.flow_runs import pause_flow_run
 from prefect.input import RunInput
 
@@ -40,7 +41,7 @@ def approve(run: RunReport, action: str, evidence: list[str], auto: bool,
                         description=f"## Approve: {action}\n\n{shown}\n\n"
                                     "Tick **approve**, give your name and a reason."),
                     timeout=wait_seconds)
-            except TimeoutError:
+            except FlowPauseTimeout:
                 raise NotApproved(f"nobody approved '{action}' within {wait_seconds}s; nothing changed") from None
     who = f"{decision.approver or 'nobody'}: {decision.reason or 'no reason given'}"
     run.figure("Approval", ("approved by " if decision.approve else "declined by ") + who)

@@ -14,14 +14,13 @@ import re
 import secrets
 from collections.abc import Callable, Iterable, Iterator
 from datetime import datetime, timedelta, timezone
-from pathlib import Path
 
 import zstandard
 from pydantic import BaseModel, Field
 
 from tasks import encryption
 from tasks.encryption import EncryptionConfig
-from tasks.errors import BackupNotFound, IntegrityError, InvalidBackupId, StoreError
+from tasks.errors import BackupNotFound, IntegrityError, InvalidBackupId, ObjectNotFound, StoreError
 from tasks.storage import PutResult, Store
 
 ID_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,127}")
@@ -99,6 +98,11 @@ def check_backup_id(backup_id: str) -> str:
         raise InvalidBackupId(f"{backup_id!r} is not a backup id (letters, digits, '-', '_', '.'; "
                               "no paths)")
     return backup_id
+
+
+def id_pattern(database: str) -> re.Pattern[str]:
+    """The ids `new_backup_id` makes for `database`, and nothing else."""
+    return re.compile(rf"{re.escape(database)}-\d{{8}}T\d{{6}}Z-[0-9a-f]{{4}}")
 
 
 def new_backup_id(database: str, now: datetime | None = None) -> str:
@@ -188,11 +192,12 @@ def save_manifest(store: Store, manifest: Manifest) -> None:
 
 
 def load_manifest(store: Store, backup_id: str) -> Manifest:
-    key = manifest_key(backup_id)
-    if store.head(key) is None:
-        raise BackupNotFound(f"no backup {backup_id!r} in {store.describe()}")
     try:
-        return Manifest.model_validate_json(store.get_bytes(key))
+        data = store.get_bytes(manifest_key(backup_id))
+    except ObjectNotFound:
+        raise BackupNotFound(f"no backup {backup_id!r} in {store.describe()}") from None
+    try:
+        return Manifest.model_validate_json(data)
     except ValueError:
         raise IntegrityError(f"backup {backup_id}: manifest is unreadable") from None
 
@@ -203,18 +208,17 @@ def save_verification(store: Store, record: Verification) -> None:
 
 
 def load_verification(store: Store, backup_id: str) -> Verification | None:
-    key = f"{check_backup_id(backup_id)}/{VERIFICATION}"
-    if store.head(key) is None:
-        return None
     try:
-        return Verification.model_validate_json(store.get_bytes(key))
-    except ValueError:
+        return Verification.model_validate_json(store.get_bytes(f"{check_backup_id(backup_id)}/{VERIFICATION}"))
+    except ObjectNotFound:
         return None
+    except ValueError:
+        return None  # unreadable: treated as never tested
 
 
 def list_backups(store: Store, database: str | None = None) -> list[Backup]:
     """Every complete backup in the store (those with a manifest), newest first."""
-    objects = store.list()
+    objects = store.list(f"{database}-" if database else "")
     have = {o.key for o in objects}
     out: list[Backup] = []
     for o in objects:
@@ -262,10 +266,10 @@ def expired(backups: list[Backup], now: datetime, retention_days: int) -> list[B
 def orphans(store: Store, database: str, older_than: datetime) -> list[str]:
     """Ids of `database` whose folder holds objects but no manifest (a backup that failed
     and could not clean up, or an interrupted delete), untouched since `older_than`."""
-    pattern = re.compile(rf"{re.escape(database)}-\d{{8}}T\d{{6}}Z-[0-9a-f]{{4}}")
+    pattern = id_pattern(database)
     folders: dict[str, list[datetime]] = {}
     complete: set[str] = set()
-    for o in store.list():
+    for o in store.list(f"{database}-"):
         backup_id, _, name = o.key.partition("/")
         if pattern.fullmatch(backup_id):
             folders.setdefault(backup_id, []).append(o.modified)
@@ -282,11 +286,3 @@ def delete_backup(store: Store, backup_id: str) -> None:
         store.delete(o.key)
 
 
-def spool(chunks: Iterable[bytes], path: Path) -> int:
-    """Write a stream to a local file (pg_restore --jobs needs a seekable archive)."""
-    n = 0
-    with open(path, "wb") as f:
-        for chunk in chunks:
-            f.write(chunk)
-            n += len(chunk)
-    return n

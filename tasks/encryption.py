@@ -183,10 +183,6 @@ class _Reader:
         return out
 
 
-def is_encrypted(first_chunk: bytes) -> bool:
-    return first_chunk.startswith(MAGIC)
-
-
 def decrypt(cfg: EncryptionConfig | None, chunks: Iterable[bytes]) -> Iterator[bytes]:
     """Decrypt a stream made by `encrypt`, releasing each block only once authenticated."""
     r = _Reader(chunks)

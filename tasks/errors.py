@@ -37,6 +37,10 @@ class StoreError(RunbookError):
     """A backup store failed for good (after retries) or is misconfigured."""
 
 
+class ObjectNotFound(StoreError):
+    """The store has no object under that key."""
+
+
 class TransientStoreError(Exception):
     """A store call failed in a way that may pass on retry (5xx, throttling, refused)."""
 

@@ -7,6 +7,7 @@ The DSN is a secret: it is passed to the PostgreSQL tools through the environmen
 
 from __future__ import annotations
 
+import functools
 import glob
 import importlib.util
 import os
@@ -23,7 +24,7 @@ from pathlib import Path
 import psycopg
 from psycopg import sql
 from psycopg.conninfo import conninfo_to_dict, make_conninfo
-from pydantic import BaseModel, ConfigDict, Field, SecretStr
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator
 
 from tasks.errors import DatabaseError, DatabaseUnavailable, IntegrityError, VerificationError
 from tasks.retries import is_transient
@@ -47,6 +48,16 @@ class DatabaseConfig(BaseModel):
     compression_level: int = Field(3, ge=1, le=19, description="zstd level")
     connect_timeout: int = Field(10, ge=1, le=300)
 
+    @field_validator("dsn")
+    @classmethod
+    def _parsable(cls, dsn: SecretStr) -> SecretStr:
+        """Reject a malformed DSN here, with a message that never quotes it."""
+        try:
+            conninfo_to_dict(dsn.get_secret_value())
+        except psycopg.ProgrammingError:
+            raise ValueError("not a valid libpq DSN or postgresql:// URI (value not shown)") from None
+        return dsn
+
 
 @dataclass
 class Database:
@@ -65,28 +76,38 @@ class Database:
 
     @property
     def dbname(self) -> str:
-        return conninfo_to_dict(self.dsn).get("dbname") or "postgres"
+        """The database name libpq will use (it defaults to the user name)."""
+        params = conninfo_to_dict(self.dsn)
+        return params.get("dbname") or params.get("user") or os.environ.get("PGDATABASE") \
+            or os.environ.get("PGUSER") or "postgres"
 
     def describe(self) -> str:
         return f"database '{self.name}' ({self.masked_dsn})"
 
 
+SECRET_KEYS = ("password", "sslpassword")
+
+
 def mask_dsn(dsn: str) -> str:
-    """The DSN with its password replaced by ***, for logs and messages."""
+    """The DSN with its secrets replaced by ***, for logs and messages."""
     try:
         params = conninfo_to_dict(dsn)
     except psycopg.ProgrammingError:
-        return re.sub(r"(://[^:/@]*:)[^@]*@", r"\1***@", dsn.split("?")[0])
-    if "password" in params:
-        params["password"] = "***"
+        return "<unparsable DSN>"
+    for key in SECRET_KEYS:
+        if key in params:
+            params[key] = "***"
     return " ".join(f"{k}={v}" for k, v in params.items() if v is not None)
 
 
 def _scrub(text: str, db: Database) -> str:
-    """Remove the password from a message, should a tool ever echo it."""
-    secret = conninfo_to_dict(db.dsn).get("password")
+    """The first line of a message, with any secret of the DSN removed should a tool echo it."""
     first = (text.strip().splitlines() or [""])[0] if text else ""
-    return first.replace(str(secret), "***") if secret else first
+    params = conninfo_to_dict(db.dsn)
+    for key in SECRET_KEYS:
+        if params.get(key):
+            first = first.replace(str(params[key]), "***")
+    return first
 
 
 def connect(db: Database, dbname: str | None = None, autocommit: bool = False) -> psycopg.Connection:
@@ -118,25 +139,47 @@ def _tool_env(db: Database, dbname: str | None = None) -> tuple[str, dict[str, s
 
 
 def find_tool(db: Database, name: str) -> Path:
-    """Locate a PostgreSQL client tool: bin_dir, then Debian's newest, then pgserver's, then PATH."""
+    """Locate a PostgreSQL client tool: bin_dir if set; otherwise, among Debian's
+    installed versions, pgserver's and PATH, the one made for the server's major version
+    (else the oldest newer one: pg_dump refuses servers newer than itself)."""
     if db.config.bin_dir:
         path = db.config.bin_dir / name
         if path.is_file():
             return path
         raise DatabaseError(f"{db.describe()}: {name} not found in bin_dir {db.config.bin_dir}")
-    candidates = sorted(glob.glob(f"/usr/lib/postgresql/*/bin/{name}"),
-                        key=lambda p: int(Path(p).parent.parent.name), reverse=True)
+    candidates = glob.glob(f"/usr/lib/postgresql/*/bin/{name}")
     embedded = importlib.util.find_spec("pgserver")  # ships its own client tools; not imported
     if embedded and embedded.submodule_search_locations:
-        for loc in embedded.submodule_search_locations:
-            candidates.append(str(Path(loc) / "pginstall" / "bin" / name))
-    on_path = shutil.which(name)
-    if on_path:
+        candidates += [str(Path(loc) / "pginstall" / "bin" / name) for loc in embedded.submodule_search_locations]
+    if on_path := shutil.which(name):
         candidates.append(on_path)
-    for c in candidates:
-        if Path(c).is_file() and os.access(c, os.X_OK):
-            return Path(c)
-    raise DatabaseError(f"{db.describe()}: {name} not found (install the PostgreSQL client or set bin_dir)")
+    found = [Path(c) for c in candidates if Path(c).is_file() and os.access(c, os.X_OK)]
+    if not found:
+        raise DatabaseError(f"{db.describe()}: {name} not found (install the PostgreSQL client or set bin_dir)")
+    server = _server_major(db.dsn, db.config.connect_timeout)
+
+    def fitness(path: Path) -> tuple[int, int]:
+        major = _tool_major(str(path))
+        if server is None:
+            return (0, -major)  # unknown server: the newest tool
+        return (0 if major == server else 1 if major > server else 2, abs(major - server))
+
+    return min(found, key=fitness)
+
+
+@functools.lru_cache(maxsize=64)
+def _tool_major(path: str) -> int:
+    match = re.search(r"\) (\d+)", tool_version(Path(path)))
+    return int(match.group(1)) if match else 0
+
+
+@functools.lru_cache(maxsize=64)
+def _server_major(dsn: str, timeout: int) -> int | None:
+    try:
+        with psycopg.connect(make_conninfo(dsn, connect_timeout=timeout)) as conn:
+            return int(conn.info.server_version) // 10000
+    except psycopg.Error:
+        return None  # the caller's own connection will report the problem
 
 
 def tool_version(path: Path) -> str:
@@ -220,6 +263,8 @@ def dump(db: Database) -> Iterator[DumpStream]:
     pg_dump = find_tool(db, "pg_dump")
     conn = connect(db)
     proc: subprocess.Popen[bytes] | None = None
+    result: DumpStream | None = None
+    counter: threading.Thread | None = None
     try:
         conn.execute("BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY")
         snapshot = str(conn.execute("SELECT pg_export_snapshot()").fetchone()[0])
@@ -234,12 +279,12 @@ def dump(db: Database) -> Iterator[DumpStream]:
         )
         stderr.follow(proc.stderr)
         _widen_pipe(proc.stdout)
-        result = DumpStream(chunks=iter(()), pg_dump_version=tool_version(pg_dump))
+        state = DumpStream(chunks=iter(()), pg_dump_version=tool_version(pg_dump))
         counted: list[BaseException] = []
 
         def count() -> None:
             try:
-                result.state = read_state(conn, db.config.schemas, sequences)
+                state.state = read_state(conn, db.config.schemas, sequences)
             except BaseException as exc:  # noqa: BLE001 - re-raised in the caller's thread
                 counted.append(exc)
 
@@ -252,21 +297,39 @@ def dump(db: Database) -> Iterator[DumpStream]:
             code = proc.wait()
             counter.join()
             if code != 0:
-                raise DatabaseError(f"{db.describe()}: pg_dump failed (exit {code}): "
-                                    f"{_scrub(stderr.text(), db)}")
+                reason = stderr.text()
+                error = DatabaseUnavailable if _passing(reason) else DatabaseError
+                raise error(f"{db.describe()}: pg_dump failed (exit {code}): {_scrub(reason, db)}")
             if counted:
-                raise DatabaseError(f"{db.describe()}: reading row counts failed: "
-                                    f"{_scrub(str(counted[0]), db)}")
+                error = DatabaseUnavailable if is_transient(counted[0]) else DatabaseError
+                raise error(f"{db.describe()}: reading row counts failed: {_scrub(str(counted[0]), db)}")
 
-        result.chunks = chunks()
+        state.chunks = chunks()
+        result = state
         yield result
     finally:
+        if result is not None:
+            result.chunks.close()  # stops the read-ahead thread if the consumer gave up
         if proc is not None and proc.poll() is None:
             proc.kill()
             proc.wait()
         if proc is not None and proc.stdout:
             proc.stdout.close()
+        if counter is not None and counter.is_alive():
+            conn.cancel()  # the counting thread must not outlive its connection
+            counter.join(timeout=30)
         conn.close()
+
+
+_PASSING = ("could not obtain lock", "server closed the connection", "terminating connection",
+            "connection to server", "could not connect", "the database system is shutting down",
+            "canceling statement due to conflict with recovery")
+
+
+def _passing(stderr: str) -> bool:
+    """A pg_dump failure that a later attempt may not meet (locks, lost connections)."""
+    text = stderr.lower()
+    return any(p in text for p in _PASSING)
 
 
 def _widen_pipe(stream) -> None:  # type: ignore[no-untyped-def]
@@ -368,6 +431,12 @@ def _feed(proc: subprocess.Popen[bytes], chunks: Iterator[bytes] | None,
                 proc.stdin.write(chunk)
         except BrokenPipeError:
             pass  # the tool stopped reading (e.g. --list needs only the header)
+        except BaseException:  # the input failed (e.g. a corrupt backup): stop the tool
+            proc.kill()
+            proc.wait()
+            for r in readers:
+                r.join()
+            raise
         finally:
             try:
                 proc.stdin.close()
@@ -409,21 +478,33 @@ def database_exists(db: Database, name: str) -> bool:
         return conn.execute("SELECT 1 FROM pg_database WHERE datname = %s", (name,)).fetchone() is not None
 
 
-def pg_restore(db: Database, target_dbname: str, archive: Path | None,
-               stdin_chunks: Iterator[bytes] | None = None, jobs: int = 1,
+def pg_restore(db: Database, target_dbname: str, archive: Path, jobs: int = 1,
                timeout: float = 6 * 3600) -> None:
-    """Restore an archive into `target_dbname` with --exit-on-error (parallel if a file)."""
+    """Restore an archive file into `target_dbname` (--exit-on-error, `jobs` in parallel)."""
     tool = find_tool(db, "pg_restore")
     conninfo, env = _tool_env(db, dbname=target_dbname)
-    args = [str(tool), "--exit-on-error", "--no-owner", f"--dbname={conninfo}"]
-    if archive is not None:
-        args += [f"--jobs={jobs}", str(archive)]
-    proc = subprocess.Popen(args, stdin=subprocess.PIPE if archive is None else subprocess.DEVNULL,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env)
-    _, err = _feed(proc, stdin_chunks, timeout)
+    args = [str(tool), "--exit-on-error", "--no-owner", f"--dbname={conninfo}", f"--jobs={jobs}", str(archive)]
+    proc = subprocess.Popen(args, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, env=env)
+    _, err = _feed(proc, None, timeout)
     if proc.returncode != 0:
-        raise DatabaseError(f"{db.describe()}: pg_restore into '{target_dbname}' failed "
-                            f"(exit {proc.returncode}): {_scrub(_first(err), db)}")
+        reason = _first(err)
+        error = DatabaseUnavailable if _passing(reason) else DatabaseError
+        raise error(f"{db.describe()}: pg_restore into '{target_dbname}' failed "
+                    f"(exit {proc.returncode}): {_scrub(reason, db)}")
+
+
+def database_size(db: Database) -> int:
+    with connect(db) as conn:
+        return int(conn.execute("SELECT pg_database_size(current_database())").fetchone()[0])
+
+
+def can_create_database(db: Database) -> bool:
+    """Whether the role may create the scratch database a restore test needs."""
+    with connect(db, dbname="postgres") as conn:
+        row = conn.execute(
+            "SELECT rolcreatedb OR rolsuper FROM pg_roles WHERE rolname = current_user").fetchone()
+    return bool(row and row[0])
 
 
 def amcheck(db: Database, dbname: str, timeout: float = 3600) -> str | None:

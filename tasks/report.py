@@ -9,6 +9,7 @@ outcome) and the measured figures, as a Prefect markdown artifact.
 
 from __future__ import annotations
 
+import logging
 import re
 import time
 from collections.abc import Iterator
@@ -53,7 +54,11 @@ class RunReport:
             self.outcome, self.error = "failed", first_line(exc)
         elif self.outcome == "running":
             self.outcome = "succeeded"
-        self.publish()
+        try:
+            self.publish()
+        except Exception as err:  # noqa: BLE001 - a lost report must not change the run's outcome
+            logging.getLogger("runbooks.report").warning("report for %s not published: %s",
+                                                         self.target, first_line(err))
 
     @property
     def elapsed(self) -> float:

@@ -23,7 +23,7 @@ from typing import Annotated, Any, Literal, Union
 from pydantic import BaseModel, ConfigDict, Field, SecretStr
 
 from tasks.encryption import EncryptionConfig
-from tasks.errors import StoreError, TransientStoreError
+from tasks.errors import ObjectNotFound, StoreError, TransientStoreError
 from tasks.retries import is_transient
 
 READ_CHUNK = 1 << 20
@@ -157,7 +157,7 @@ class LocalStore(Store):
     def get_stream(self, key: str) -> Iterator[bytes]:
         path = self._path(key)
         if not path.is_file():
-            raise StoreError(f"{self.describe()}: no object {key!r}")
+            raise ObjectNotFound(f"{self.describe()}: no object {key!r}")
         return self._read(path)
 
     @staticmethod
@@ -323,7 +323,7 @@ class S3Store(Store):
             body = self.client.get_object(Bucket=self.bucket, Key=self._key(key))["Body"]
         except Exception as exc:
             if _is_boto(exc) and _code(exc) in ("NoSuchKey", "404"):
-                raise StoreError(f"{self.describe()}: no object {key!r}") from None
+                raise ObjectNotFound(f"{self.describe()}: no object {key!r}") from None
             raise self._fail(exc, "download", key) from None
         return self._iter(body, key)
 

@@ -48,10 +48,21 @@ def _reachable(dsn: str) -> bool:
 
 
 @pytest.fixture(scope="session")
-def pg_admin() -> str:
-    """The admin DSN of the shared PostgreSQL server."""
-    need(_reachable(ADMIN_DSN), f"PostgreSQL at {ADMIN_DSN} is not reachable")
-    return ADMIN_DSN
+def pg_admin(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """The admin DSN of the shared PostgreSQL server; where none runs (and not under CI,
+    which must provide one), an embedded PostgreSQL 16 for the session."""
+    if _reachable(ADMIN_DSN):
+        yield ADMIN_DSN
+        return
+    if os.environ.get("CI") == "true":
+        pytest.fail(f"CI must provide PostgreSQL at {ADMIN_DSN}")
+    import pgserver
+
+    root = tmp_path_factory.mktemp("pg")
+    root.chmod(0o777)  # as root, pgserver runs PostgreSQL as its own user
+    server = pgserver.get_server(root / "data", cleanup_mode="stop")
+    yield f"host={root / 'data'} user=postgres dbname=postgres"
+    server.cleanup()
 
 
 @pytest.fixture

@@ -91,3 +91,16 @@ def test_invalid_toml_is_named(write_config):
 def test_mask_dsn_hides_the_password(dsn):
     masked = mask_dsn(dsn)
     assert "hunter2-secret" not in masked and "***" in masked and "orders" in masked
+
+
+def test_malformed_dsn_is_rejected_without_showing_it(write_config):
+    write_config(GOOD.replace('"postgresql://app:hunter2-secret@127.0.0.1:5432/orders"',
+                              '"host=db password=hunter2 secret dbname=orders"'))
+    with pytest.raises(ConfigError, match="databases.orders.dsn: not a valid libpq DSN") as err:
+        load_settings()
+    assert "hunter2" not in str(err.value)
+
+
+def test_mask_dsn_never_echoes_what_it_cannot_parse():
+    assert mask_dsn("host=db password=se cret") == "<unparsable DSN>"
+    assert "s3cret" not in mask_dsn("host=db sslpassword=s3cret dbname=x")
