@@ -81,8 +81,10 @@ def backup_database(database: str, dry_run: bool = False) -> BackupResult:
                         backups.save_manifest(store, manifest)
                         step.detail = "sha256 matches"
                     run.figure("Replica", f"{replica.name} (sha256 verified)")
-                print(f"Backup {backup_id}: {human_bytes(manifest.stored_bytes)} stored, "
-                      f"{manifest.throughput_mb_s:.0f} MB/s, {manifest.total_rows} rows")
+                run.outcome = "succeeded"
+                announce(settings, run, Severity.INFO,
+                         f"Backup {backup_id}: {human_bytes(manifest.stored_bytes)} stored, "
+                         f"{manifest.throughput_mb_s:.0f} MB/s, {manifest.total_rows} rows, integrity checked.")
                 return BackupResult(
                     database=database, store=store.name, backup_id=backup_id,
                     stored_bytes=manifest.stored_bytes, dump_bytes=manifest.dump_bytes,

@@ -75,11 +75,11 @@ def restore_test(database: str, backup_id: str | None = None, dry_run: bool = Fa
         manifest = None
         try:
             if dry_run:  # no lock: a plan must not wait behind a running backup
-                return _plan(run, db, _select(run, store, database, backup_id), scratch)
+                return _plan(run, db, _select(run, store, database, backup_id), scratch, settings.work_dir)
             with exclusive("database", database):
                 t0 = time.monotonic()  # the RTO clock starts once nothing else holds the database
                 manifest = _select(run, store, database, backup_id)
-                work = Path(tempfile.mkdtemp(prefix="runbooks-restore-"))
+                work = Path(tempfile.mkdtemp(prefix="runbooks-restore-", dir=settings.work_dir))
                 try:
                     with run.step("integrity (sha256, decompress, pg_restore --list)") as step:
                         spooled = fetch_and_check(db, store, manifest, enc, work)
@@ -168,10 +168,12 @@ def _backup_is_at_fault(run: RunReport, exc: Exception) -> bool:
     return isinstance(exc, (IntegrityError, VerificationError)) or restore_failed
 
 
-def _plan(run: RunReport, db: postgres.Database, manifest: backups.Manifest, scratch: str) -> RestoreTestResult:
+def _plan(run: RunReport, db: postgres.Database, manifest: backups.Manifest, scratch: str,
+          work_dir: Path | None) -> RestoreTestResult:
     with run.step("check server"):
         can_create = postgres.can_create_database(db)
-    plan = [f"check {manifest.object_key} (sha256, decompress, pg_restore --list) in a temp dir "
+    plan = [f"check {manifest.object_key} (sha256, decompress, pg_restore --list) in "
+            f"{work_dir or tempfile.gettempdir()} "
             f"(needs {human_bytes(manifest.dump_bytes)} free)",
             f"restore into {scratch} on {db.describe()}"
             + ("" if can_create else " (WARNING: this role cannot CREATE DATABASE)"),

@@ -33,6 +33,8 @@ class Settings(BaseSettings):
     stores: dict[str, StoreConfig] = Field(
         default_factory=lambda: {"local": LocalStoreConfig(path=Path("backups"))})
     notify: NotifySettings = Field(default_factory=NotifySettings)
+    work_dir: Path | None = Field(None, description="where restore tests spool the uncompressed "
+                                  "archive (needs its size free); default: the system temp dir")
 
     @classmethod
     def settings_customise_sources(cls, settings_cls: type[BaseSettings],
@@ -134,6 +136,8 @@ def _resolve_paths(settings: Settings, base: Path) -> None:
             st.path = resolve(st.path)
         if st.encryption and st.encryption.key_file:
             st.encryption.key_file = resolve(st.encryption.key_file)
+    if settings.work_dir:
+        settings.work_dir = resolve(settings.work_dir)
     for db in settings.databases.values():
         if db.bin_dir:
             db.bin_dir = resolve(db.bin_dir)

@@ -104,3 +104,11 @@ def test_malformed_dsn_is_rejected_without_showing_it(write_config):
 def test_mask_dsn_never_echoes_what_it_cannot_parse():
     assert mask_dsn("host=db password=se cret") == "<unparsable DSN>"
     assert "s3cret" not in mask_dsn("host=db sslpassword=s3cret dbname=x")
+
+
+def test_work_dir_and_home_paths(write_config, monkeypatch, tmp_path):
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    path = write_config('work_dir = "spool"\n' + GOOD.replace('path = "backups"', 'path = "~/bk"'))
+    s = load_settings()
+    assert s.work_dir == path.parent / "spool"
+    assert s.store("primary").path == tmp_path / "home" / "bk"
