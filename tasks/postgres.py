@@ -78,7 +78,7 @@ class Database:
     def dbname(self) -> str:
         """The database name libpq will use (it defaults to the user name)."""
         params = conninfo_to_dict(self.dsn)
-        return params.get("dbname") or params.get("user") or os.environ.get("PGDATABASE") \
+        return params.get("dbname") or os.environ.get("PGDATABASE") or params.get("user") \
             or os.environ.get("PGUSER") or "postgres"
 
     def describe(self) -> str:
@@ -321,7 +321,8 @@ def dump(db: Database) -> Iterator[DumpStream]:
         conn.close()
 
 
-_PASSING = ("could not obtain lock", "server closed the connection", "terminating connection",
+_PASSING = ("could not obtain lock", "due to statement timeout", "due to lock timeout",
+            "server closed the connection", "terminating connection",
             "connection to server", "could not connect", "the database system is shutting down",
             "canceling statement due to conflict with recovery")
 
@@ -329,6 +330,8 @@ _PASSING = ("could not obtain lock", "server closed the connection", "terminatin
 def _passing(stderr: str) -> bool:
     """A pg_dump failure that a later attempt may not meet (locks, lost connections)."""
     text = stderr.lower()
+    if any(p in text for p in ("password authentication", "does not exist", "permission denied")):
+        return False  # a connection refused for cause: retrying cannot help
     return any(p in text for p in _PASSING)
 
 
