@@ -259,7 +259,6 @@ class S3Store(Store):
     def put_stream(self, key: str, chunks: Iterable[bytes]) -> PutResult:
         """Multipart upload with parts uploaded in the background, at most two in flight."""
         full = self._key(key)
-        part_size = self.config.part_size_mb << 20
         digest, size = hashlib.sha256(), 0
         buf = bytearray()
         upload_id: str | None = None
@@ -292,7 +291,7 @@ class S3Store(Store):
                 digest.update(chunk)
                 size += len(chunk)
                 buf += chunk
-                if len(buf) >= part_size:
+                if len(buf) >= part_size(self.config.part_size_mb << 20, len(parts)):
                     flush_part()
             if upload_id is None:
                 self.client.put_object(Bucket=self.bucket, Key=full, Body=bytes(buf), **self._extra())
@@ -369,6 +368,17 @@ class S3Store(Store):
             self.client.head_bucket(Bucket=self.bucket)
         except Exception as exc:
             raise self._fail(exc, "head bucket") from None
+
+
+MAX_PARTS = 10_000  # S3's limit per multipart upload
+
+
+def part_size(base: int, parts_so_far: int) -> int:
+    """Parts grow by `base` every 1,000 parts, so an object of unknown size fits S3's
+    10,000-part limit: about 880 GB with 16 MB parts (memory grows only for huge dumps)."""
+    if parts_so_far >= MAX_PARTS - 1:
+        raise StoreError(f"object needs more than {MAX_PARTS} parts; raise part_size_mb")
+    return base * (1 + parts_so_far // 1000)
 
 
 def _is_boto(exc: BaseException) -> bool:

@@ -176,3 +176,14 @@ def test_s3_check_names_the_bucket(moto_endpoint):
         open_store("s", S3StoreConfig(kind="s3", bucket="no-such-bucket-xyz",
                                       endpoint_url=moto_endpoint)).check()
     boto3  # the module is used by fixtures; keep the import explicit for readers
+
+
+def test_parts_grow_to_fit_the_part_limit():
+    from tasks.storage import MAX_PARTS, part_size
+
+    mb = 1 << 20
+    sizes = [part_size(16 * mb, n) for n in range(MAX_PARTS - 1)]
+    assert sizes[0] == sizes[999] == 16 * mb and sizes[1000] == 32 * mb
+    assert sum(sizes) > 800 * 10**9  # room for a dump of 800 GB at the default part size
+    with pytest.raises(StoreError, match="more than 10000 parts"):
+        part_size(16 * mb, MAX_PARTS - 1)
