@@ -1,0 +1,169 @@
+"""Service controllers: status, start, stop, restart, scale and recent logs of a target
+service, behind one interface.
+
+This module has the `process` backend: a local supervised process (start command, pid
+file, log file; SIGTERM to its process group, then SIGKILL after a grace period). The
+systemd, docker and kubernetes backends come next (issue 3).
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import time
+from abc import ABC, abstractmethod
+from collections import deque
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from tasks.errors import RunbookError
+
+
+class ServiceError(RunbookError):
+    """A controller could not do what was asked; the message names the service."""
+
+
+class ProcessControllerConfig(BaseModel):
+    """`[services.<name>.controller] kind = "process"`."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    kind: Literal["process"] = "process"
+    command: list[str] = Field(min_length=1, description="argv of the service; no shell")
+    workdir: Path | None = None
+    env: dict[str, str] = Field(default_factory=dict)
+    pid_file: Path
+    log_file: Path
+    grace_seconds: float = Field(30, gt=0, description="SIGTERM to SIGKILL")
+
+
+class ServiceStatus(BaseModel):
+    service: str
+    running: bool
+    replicas: int
+    pid: int | None = None
+    detail: str = ""
+
+
+class Controller(ABC):
+    """What every backend can do to a service."""
+
+    name: str
+
+    @abstractmethod
+    def status(self) -> ServiceStatus:
+        """Whether it runs, and how many replicas."""
+
+    @abstractmethod
+    def start(self) -> ServiceStatus:
+        """Start it; a running service is left alone (idempotent)."""
+
+    @abstractmethod
+    def stop(self) -> ServiceStatus:
+        """Stop it gracefully; a stopped service is left alone (idempotent)."""
+
+    @abstractmethod
+    def scale(self, replicas: int) -> ServiceStatus:
+        """Run this many replicas."""
+
+    @abstractmethod
+    def logs(self, lines: int = 100) -> list[str]:
+        """The last `lines` lines it wrote."""
+
+    def restart(self) -> ServiceStatus:
+        self.stop()
+        return self.start()
+
+
+def _start_time(pid: int) -> str | None:
+    """The kernel's start time of `pid` (tells a reused pid from ours), None if gone."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    fields = stat[stat.rindex(")") + 2:].split()
+    if fields[0] == "Z":  # exited, not yet reaped
+        try:
+            os.waitpid(pid, os.WNOHANG)
+        except ChildProcessError:
+            pass
+        return None
+    return fields[19]
+
+
+class ProcessController(Controller):
+    def __init__(self, name: str, config: ProcessControllerConfig) -> None:
+        self.name = name
+        self.config = config
+
+    def _pid(self) -> int | None:
+        """The pid in the pid file, if that process still runs (and is the one we started)."""
+        try:
+            pid_text, started = self.config.pid_file.read_text().split()
+            pid = int(pid_text)
+        except (OSError, ValueError):
+            return None
+        return pid if _start_time(pid) == started else None
+
+    def status(self) -> ServiceStatus:
+        pid = self._pid()
+        return ServiceStatus(service=self.name, running=pid is not None, replicas=1 if pid else 0, pid=pid,
+                             detail=f"pid {pid}" if pid else "not running")
+
+    def start(self) -> ServiceStatus:
+        if self._pid() is not None:
+            return self.status()
+        cfg = self.config
+        cfg.log_file.parent.mkdir(parents=True, exist_ok=True)
+        cfg.pid_file.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            with open(cfg.log_file, "ab") as log:
+                proc = subprocess.Popen(cfg.command, stdout=log, stderr=subprocess.STDOUT,
+                                        stdin=subprocess.DEVNULL, cwd=cfg.workdir,
+                                        env={**os.environ, **cfg.env}, start_new_session=True)
+        except OSError as exc:
+            raise ServiceError(f"service '{self.name}': cannot start {cfg.command[0]}: {exc.strerror}") from None
+        started = _start_time(proc.pid)
+        if started is None:  # died at once
+            proc.wait()
+            raise ServiceError(f"service '{self.name}' exited at once (code {proc.returncode}): "
+                               f"{' | '.join(self.logs(3)) or 'no output'}")
+        cfg.pid_file.write_text(f"{proc.pid} {started}\n")
+        return self.status()
+
+    def stop(self) -> ServiceStatus:
+        pid = self._pid()
+        if pid is not None:
+            self._signal(pid, signal.SIGTERM)
+            deadline = time.monotonic() + self.config.grace_seconds
+            while time.monotonic() < deadline and _start_time(pid) is not None:
+                time.sleep(0.05)
+            if _start_time(pid) is not None:
+                self._signal(pid, signal.SIGKILL)
+                while _start_time(pid) is not None:
+                    time.sleep(0.05)
+        self.config.pid_file.unlink(missing_ok=True)
+        return self.status()
+
+    @staticmethod
+    def _signal(pid: int, sig: signal.Signals) -> None:
+        try:
+            os.killpg(pid, sig)  # the whole group: workers the service forked go too
+        except ProcessLookupError:
+            pass
+
+    def scale(self, replicas: int) -> ServiceStatus:
+        if replicas not in (0, 1):
+            raise ServiceError(f"service '{self.name}': the process controller runs 0 or 1 instance, "
+                               f"not {replicas}")
+        return self.start() if replicas else self.stop()
+
+    def logs(self, lines: int = 100) -> list[str]:
+        try:
+            with open(self.config.log_file, errors="replace") as f:
+                return [line.rstrip("\n") for line in deque(f, maxlen=lines)]
+        except OSError:
+            return []
