@@ -1,14 +1,18 @@
 """Service controllers: status, start, stop, restart, scale and recent logs of a target
 service, behind one interface.
 
-This module has the `process` backend: a local supervised process (start command, pid
-file, log file; SIGTERM to its process group, then SIGKILL after a grace period). The
-systemd, docker and kubernetes backends come next (issue 3).
+Backends:
+  process   a local supervised process (start command, pid file, log file; SIGTERM to its
+            process group, then SIGKILL after a grace period)
+  systemd   systemctl and journalctl
+  docker    the docker CLI
+(kubernetes comes next, issue 3.) Commands are argument lists, each with a timeout.
 """
 
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import subprocess
 import time
@@ -94,7 +98,16 @@ def _start_time(pid: int) -> str | None:
     return fields[19]
 
 
-class ProcessController(Controller):
+class _OneInstance(Controller):
+    """Backends that run one instance: scale means start (1) or stop (0)."""
+
+    def scale(self, replicas: int) -> ServiceStatus:
+        if replicas not in (0, 1):
+            raise ServiceError(f"service '{self.name}': this controller runs 0 or 1 instance, not {replicas}")
+        return self.start() if replicas else self.stop()
+
+
+class ProcessController(_OneInstance):
     def __init__(self, name: str, config: ProcessControllerConfig) -> None:
         self.name = name
         self.config = config
@@ -155,15 +168,121 @@ class ProcessController(Controller):
         except ProcessLookupError:
             pass
 
-    def scale(self, replicas: int) -> ServiceStatus:
-        if replicas not in (0, 1):
-            raise ServiceError(f"service '{self.name}': the process controller runs 0 or 1 instance, "
-                               f"not {replicas}")
-        return self.start() if replicas else self.stop()
-
     def logs(self, lines: int = 100) -> list[str]:
         try:
             with open(self.config.log_file, errors="replace") as f:
                 return [line.rstrip("\n") for line in deque(f, maxlen=lines)]
         except OSError:
             return []
+
+
+class SystemdControllerConfig(BaseModel):
+    """`[services.<name>.controller] kind = "systemd"`."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    kind: Literal["systemd"] = "systemd"
+    unit: str
+    timeout_seconds: float = Field(120, gt=0)
+
+
+class DockerControllerConfig(BaseModel):
+    """`[services.<name>.controller] kind = "docker"`."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    kind: Literal["docker"] = "docker"
+    container: str
+    grace_seconds: int = Field(30, gt=0, description="docker stop -t")
+    timeout_seconds: float = Field(120, gt=0)
+
+
+def _run(service: str, tool: str, args: list[str], timeout: float) -> str:
+    """Run `tool args`; its stdout, or a ServiceError naming the service and what failed."""
+    path = shutil.which(tool)
+    if path is None:
+        raise ServiceError(f"service '{service}': {tool} not found on this machine "
+                           f"(its controller needs it)")
+    try:
+        proc = subprocess.run([path, *args], capture_output=True, text=True, timeout=timeout)
+    except subprocess.TimeoutExpired:
+        raise ServiceError(f"service '{service}': {tool} {' '.join(args)} took over {timeout:g}s") from None
+    if proc.returncode != 0:
+        said = (proc.stderr.strip() or proc.stdout.strip()).splitlines()
+        raise ServiceError(f"service '{service}': {tool} {' '.join(args)} failed (exit {proc.returncode}): "
+                           f"{said[0] if said else 'no message'}")
+    return proc.stdout
+
+
+class SystemdController(_OneInstance):
+    def __init__(self, name: str, config: SystemdControllerConfig) -> None:
+        self.name, self.config = name, config
+
+    def _ctl(self, *args: str) -> str:
+        return _run(self.name, "systemctl", list(args), self.config.timeout_seconds)
+
+    def status(self) -> ServiceStatus:
+        props = dict(line.split("=", 1) for line in
+                     self._ctl("show", self.config.unit, "--property=ActiveState,SubState,MainPID").splitlines()
+                     if "=" in line)
+        running = props.get("ActiveState") == "active"
+        pid = int(props.get("MainPID", "0") or 0) or None
+        return ServiceStatus(service=self.name, running=running, replicas=int(running), pid=pid,
+                             detail=f"{props.get('ActiveState', '?')} ({props.get('SubState', '?')})")
+
+    def start(self) -> ServiceStatus:
+        self._ctl("start", self.config.unit)
+        return self.status()
+
+    def stop(self) -> ServiceStatus:
+        self._ctl("stop", self.config.unit)
+        return self.status()
+
+    def restart(self) -> ServiceStatus:
+        self._ctl("restart", self.config.unit)
+        return self.status()
+
+    def logs(self, lines: int = 100) -> list[str]:
+        out = _run(self.name, "journalctl", ["-u", self.config.unit, "-n", str(lines), "--no-pager", "-o", "cat"],
+                   self.config.timeout_seconds)
+        return out.splitlines()
+
+
+class DockerController(_OneInstance):
+    def __init__(self, name: str, config: DockerControllerConfig) -> None:
+        self.name, self.config = name, config
+
+    def _docker(self, *args: str) -> str:
+        return _run(self.name, "docker", list(args), self.config.timeout_seconds)
+
+    def status(self) -> ServiceStatus:
+        running, pid, state = self._docker(
+            "inspect", "--format", "{{.State.Running}} {{.State.Pid}} {{.State.Status}}",
+            self.config.container).split()
+        up = running == "true"
+        return ServiceStatus(service=self.name, running=up, replicas=int(up), pid=int(pid) or None, detail=state)
+
+    def start(self) -> ServiceStatus:
+        self._docker("start", self.config.container)
+        return self.status()
+
+    def stop(self) -> ServiceStatus:
+        self._docker("stop", "--time", str(self.config.grace_seconds), self.config.container)
+        return self.status()
+
+    def restart(self) -> ServiceStatus:
+        self._docker("restart", "--time", str(self.config.grace_seconds), self.config.container)
+        return self.status()
+
+    def logs(self, lines: int = 100) -> list[str]:
+        path = shutil.which("docker")
+        if path is None:
+            raise ServiceError(f"service '{self.name}': docker not found on this machine (its controller needs it)")
+        # docker logs writes the container's stderr to its own stderr: keep both, in order.
+        proc = subprocess.run([path, "logs", "--tail", str(lines), self.config.container],
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                              timeout=self.config.timeout_seconds)
+        if proc.returncode != 0:
+            raise ServiceError(f"service '{self.name}': docker logs failed (exit {proc.returncode}): "
+                               f"{(proc.stdout.strip().splitlines() or ['no message'])[0]}")
+        return proc.stdout.splitlines()

@@ -59,5 +59,66 @@ def test_a_service_that_crashes_on_start_shows_its_log(tmp_path):
 def test_missing_binary_and_bad_scale(tmp_path):
     with pytest.raises(ServiceError, match=r"service 'api': cannot start /nonexistent/bin"):
         controller(tmp_path, ["/nonexistent/bin"]).start()
-    with pytest.raises(ServiceError, match="0 or 1 instance, not 3"):
+    with pytest.raises(ServiceError, match="runs 0 or 1 instance, not 3"):
         controller(tmp_path, ["true"]).scale(3)
+
+
+def stub_tools(tmp_path, monkeypatch, replies: dict[str, str], fail: str | None = None):
+    """Stub commands on PATH that record their argv and print a canned reply."""
+    bin_dir = tmp_path / "stubs"
+    bin_dir.mkdir()
+    calls = tmp_path / "calls.log"
+    for tool, reply in replies.items():
+        script = bin_dir / tool
+        code = 'echo "unit not found" >&2; exit 5' if tool == fail else "exit 0"
+        script.write_text(f"""#!/bin/sh\necho "{tool} $*" >> "{calls}"\nprintf '{reply}'\n{code}\n""")
+        script.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{bin_dir}:/usr/bin:/bin")
+    return lambda: calls.read_text().splitlines() if calls.exists() else []
+
+
+def test_systemd_commands(tmp_path, monkeypatch):
+    from tasks.service import SystemdController, SystemdControllerConfig
+
+    calls = stub_tools(tmp_path, monkeypatch, {
+        "systemctl": "ActiveState=active\\nSubState=running\\nMainPID=4242\\n",
+        "journalctl": "started\\nlistening on :8000\\n"})
+    ctl = SystemdController("api", SystemdControllerConfig(unit="fraiseql.service"))
+    status = ctl.restart()
+    assert status.running and status.pid == 4242 and status.detail == "active (running)"
+    assert ctl.logs(50) == ["started", "listening on :8000"]
+    ctl.scale(0)
+    assert calls() == [
+        "systemctl restart fraiseql.service",
+        "systemctl show fraiseql.service --property=ActiveState,SubState,MainPID",
+        "journalctl -u fraiseql.service -n 50 --no-pager -o cat",
+        "systemctl stop fraiseql.service",
+        "systemctl show fraiseql.service --property=ActiveState,SubState,MainPID",
+    ]
+
+
+def test_docker_commands(tmp_path, monkeypatch):
+    from tasks.service import DockerController, DockerControllerConfig
+
+    calls = stub_tools(tmp_path, monkeypatch, {"docker": "true 777 running"})
+    ctl = DockerController("api", DockerControllerConfig(container="fraiseql-api", grace_seconds=20))
+    assert ctl.restart().pid == 777
+    ctl.stop()
+    assert calls() == [
+        "docker restart --time 20 fraiseql-api",
+        "docker inspect --format {{.State.Running}} {{.State.Pid}} {{.State.Status}} fraiseql-api",
+        "docker stop --time 20 fraiseql-api",
+        "docker inspect --format {{.State.Running}} {{.State.Pid}} {{.State.Status}} fraiseql-api",
+    ]
+
+
+def test_missing_or_failing_tools_name_the_service(tmp_path, monkeypatch):
+    from tasks.service import DockerController, DockerControllerConfig, SystemdController, SystemdControllerConfig
+
+    calls = stub_tools(tmp_path, monkeypatch, {"systemctl": ""}, fail="systemctl")
+    with pytest.raises(ServiceError, match=r"service 'api': systemctl restart x.service failed \(exit 5\): "
+                                           r"unit not found"):
+        SystemdController("api", SystemdControllerConfig(unit="x.service")).restart()
+    assert calls() == ["systemctl restart x.service"]  # nothing after the failure
+    with pytest.raises(ServiceError, match="service 'api': docker not found on this machine"):
+        DockerController("api", DockerControllerConfig(container="c")).restart()
