@@ -6,7 +6,9 @@ Backends:
             process group, then SIGKILL after a grace period)
   systemd   systemctl and journalctl
   docker    the docker CLI
-(kubernetes comes next, issue 3.) Commands are argument lists, each with a timeout.
+  kubernetes  the Kubernetes API: rollout restart by annotating the pod template as
+            `kubectl rollout restart` does, scale through the scale subresource, pod logs
+Commands are argument lists and every call has a timeout.
 """
 
 from __future__ import annotations
@@ -16,12 +18,14 @@ import shutil
 import signal
 import subprocess
 import time
+from datetime import datetime, timezone
 from abc import ABC, abstractmethod
 from collections import deque
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+import httpx
+from pydantic import BaseModel, ConfigDict, Field, SecretStr
 
 from tasks.errors import RunbookError
 
@@ -286,3 +290,87 @@ class DockerController(_OneInstance):
             raise ServiceError(f"service '{self.name}': docker logs failed (exit {proc.returncode}): "
                                f"{(proc.stdout.strip().splitlines() or ['no message'])[0]}")
         return proc.stdout.splitlines()
+
+
+class KubernetesControllerConfig(BaseModel):
+    """`[services.<name>.controller] kind = "kubernetes"`: one Deployment."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    kind: Literal["kubernetes"] = "kubernetes"
+    api_url: str = Field(description="e.g. https://kubernetes.default.svc")
+    token: SecretStr | None = Field(None, description="bearer token (a secret)")
+    ca_file: Path | None = None
+    namespace: str = "default"
+    deployment: str
+    replicas: int = Field(3, ge=1, description="what `start` scales back to")
+    timeout_seconds: float = Field(30, gt=0)
+
+
+class KubernetesController(Controller):
+    def __init__(self, name: str, config: KubernetesControllerConfig) -> None:
+        self.name, self.config = name, config
+        headers = {"Accept": "application/json"}
+        if config.token:
+            headers["Authorization"] = f"Bearer {config.token.get_secret_value()}"
+        self.client = httpx.Client(base_url=config.api_url.rstrip("/"), headers=headers,
+                                   timeout=config.timeout_seconds,
+                                   verify=str(config.ca_file) if config.ca_file else True)
+        self.path = f"/apis/apps/v1/namespaces/{config.namespace}/deployments/{config.deployment}"
+
+    def _call(self, method: str, path: str, **kwargs: object) -> httpx.Response:
+        what = f"deployment {self.config.namespace}/{self.config.deployment}"
+        try:
+            r = self.client.request(method, path, **kwargs)  # type: ignore[arg-type]
+        except httpx.HTTPError as exc:
+            raise ServiceError(f"service '{self.name}': Kubernetes API unreachable: {type(exc).__name__}") from None
+        if r.status_code in (401, 403):
+            raise ServiceError(f"service '{self.name}': Kubernetes API refused {method} on {what} "
+                               f"(HTTP {r.status_code}): the token lacks that permission")
+        if r.status_code == 404:
+            raise ServiceError(f"service '{self.name}': {what} not found (HTTP 404)")
+        if r.status_code >= 400:
+            raise ServiceError(f"service '{self.name}': Kubernetes API answered HTTP {r.status_code} "
+                               f"to {method} on {what}")
+        return r
+
+    def status(self) -> ServiceStatus:
+        d = self._call("GET", self.path).json()
+        want = d.get("spec", {}).get("replicas", 0)
+        ready = d.get("status", {}).get("readyReplicas", 0) or 0
+        return ServiceStatus(service=self.name, running=ready > 0, replicas=ready,
+                             detail=f"{ready}/{want} replicas ready")
+
+    def scale(self, replicas: int) -> ServiceStatus:
+        if replicas < 0:
+            raise ServiceError(f"service '{self.name}': cannot scale to {replicas} replicas")
+        self._call("PATCH", f"{self.path}/scale", json={"spec": {"replicas": replicas}},
+                   headers={"Content-Type": "application/merge-patch+json"})
+        return self.status()
+
+    def start(self) -> ServiceStatus:
+        return self.scale(self.config.replicas)
+
+    def stop(self) -> ServiceStatus:
+        return self.scale(0)
+
+    def restart(self) -> ServiceStatus:
+        """What `kubectl rollout restart` does: a new pod template annotation."""
+        stamp = datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+        patch = {"spec": {"template": {"metadata": {"annotations": {"kubectl.kubernetes.io/restartedAt": stamp}}}}}
+        self._call("PATCH", self.path, json=patch,
+                   headers={"Content-Type": "application/strategic-merge-patch+json"})
+        return self.status()
+
+    def logs(self, lines: int = 100) -> list[str]:
+        labels = self._call("GET", self.path).json()["spec"]["selector"]["matchLabels"]
+        selector = ",".join(f"{k}={v}" for k, v in sorted(labels.items()))
+        pods = self._call("GET", f"/api/v1/namespaces/{self.config.namespace}/pods",
+                          params={"labelSelector": selector}).json().get("items", [])
+        out: list[str] = []
+        for pod in pods:
+            pod_name = pod["metadata"]["name"]
+            text = self._call("GET", f"/api/v1/namespaces/{self.config.namespace}/pods/{pod_name}/log",
+                              params={"tailLines": lines}).text
+            out += [f"{pod_name}: {line}" for line in text.splitlines()]
+        return out
