@@ -17,6 +17,7 @@ from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, Settings
 from tasks.errors import ConfigError
 from tasks.notify import NotifySettings
 from tasks.postgres import Database, DatabaseConfig
+from tasks.service import Controller, ServiceConfig, open_controller
 from tasks.encryption import EncryptionConfig
 from tasks.storage import LocalStoreConfig, Store, StoreConfig, open_store
 
@@ -32,6 +33,7 @@ class Settings(BaseSettings):
     databases: dict[str, DatabaseConfig] = Field(default_factory=dict)
     stores: dict[str, StoreConfig] = Field(
         default_factory=lambda: {"local": LocalStoreConfig(path=Path("backups"))})
+    services: dict[str, ServiceConfig] = Field(default_factory=dict)
     notify: NotifySettings = Field(default_factory=NotifySettings)
     work_dir: Path | None = Field(None, description="where restore tests spool the uncompressed "
                                   "archive (needs its size free); default: the system temp dir")
@@ -57,6 +59,9 @@ class Settings(BaseSettings):
             if db.store not in self.stores:
                 raise ValueError(f"databases.{name}.store: no store named {db.store!r} "
                                  f"(configured: {', '.join(sorted(self.stores)) or 'none'})")
+        for name, svc in self.services.items():
+            if svc.database is not None and svc.database not in self.databases:
+                raise ValueError(f"services.{name}.database: no database named {svc.database!r}")
         for name, st in self.stores.items():
             if st.replica is not None and st.replica not in self.stores:
                 raise ValueError(f"stores.{name}.replica: no store named {st.replica!r}")
@@ -70,6 +75,16 @@ class Settings(BaseSettings):
             known = ", ".join(sorted(self.databases)) or "none configured"
             raise ConfigError(f"unknown database {name!r} (known: {known})")
         return Database(name, self.databases[name])
+
+    def service(self, name: str) -> ServiceConfig:
+        """The service target `name`, or a ConfigError that lists the known names."""
+        if name not in self.services:
+            known = ", ".join(sorted(self.services)) or "none configured"
+            raise ConfigError(f"unknown service {name!r} (known: {known})")
+        return self.services[name]
+
+    def controller(self, name: str) -> Controller:
+        return open_controller(name, self.service(name))
 
     def store(self, name: str) -> StoreConfig:
         if name not in self.stores:
@@ -138,6 +153,11 @@ def _resolve_paths(settings: Settings, base: Path) -> None:
             st.encryption.key_file = resolve(st.encryption.key_file)
     if settings.work_dir:
         settings.work_dir = resolve(settings.work_dir)
+    for svc in settings.services.values():
+        c = svc.controller
+        if c.kind == "process":
+            c.pid_file, c.log_file = resolve(c.pid_file), resolve(c.log_file)
+            c.workdir = resolve(c.workdir) if c.workdir else None
     for db in settings.databases.values():
         if db.bin_dir:
             db.bin_dir = resolve(db.bin_dir)

@@ -22,7 +22,7 @@ from datetime import datetime, timezone
 from abc import ABC, abstractmethod
 from collections import deque
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal, Union
 
 import httpx
 from pydantic import BaseModel, ConfigDict, Field, SecretStr
@@ -374,3 +374,32 @@ class KubernetesController(Controller):
                               params={"tailLines": lines}).text
             out += [f"{pod_name}: {line}" for line in text.splitlines()]
         return out
+
+
+ControllerConfig = Annotated[Union[ProcessControllerConfig, SystemdControllerConfig, DockerControllerConfig,
+                                   KubernetesControllerConfig], Field(discriminator="kind")]
+
+
+class ServiceConfig(BaseModel):
+    """`[services.<name>]`: a target service, how to reach it and how to control it."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    base_url: str = Field(description="where /health, /ready and /live answer")
+    controller: ControllerConfig
+    database: str | None = Field(None, description="the [databases.<name>] it uses")
+    probe_timeout: float = Field(2.0, gt=0)
+    ready_deadline_seconds: float = Field(120, gt=0, description="restart -> ready")
+    watch_seconds: float = Field(60, ge=0, description="how long /health must stay green after")
+
+
+def open_controller(name: str, config: ServiceConfig) -> Controller:
+    """The controller for a service's backend."""
+    c = config.controller
+    if isinstance(c, ProcessControllerConfig):
+        return ProcessController(name, c)
+    if isinstance(c, SystemdControllerConfig):
+        return SystemdController(name, c)
+    if isinstance(c, DockerControllerConfig):
+        return DockerController(name, c)
+    return KubernetesController(name, c)

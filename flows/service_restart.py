@@ -1,0 +1,124 @@
+"""Runbook 1: restart a service that is down or sick, and prove it recovered."""
+
+from __future__ import annotations
+
+import time
+
+from prefect import flow, task
+from prefect.cache_policies import NO_CACHE
+from pydantic import BaseModel
+
+from flows._common import announce
+from tasks.concurrency import exclusive
+from tasks.config import load_settings
+from tasks.notify import Severity
+from tasks.probes import ProbeKind, ProbeResult, ServiceNotReady, probe, wait_until_ready
+from tasks.report import RunReport
+from tasks.service import Controller, ServiceError, ServiceStatus
+
+
+class RestartResult(BaseModel):
+    service: str
+    restarted: bool
+    dry_run: bool = False
+    why: str
+    seconds_to_ready: float | None = None
+    seconds_to_healthy: float | None = None
+    probes_before: list[ProbeResult] = []
+
+
+@task(name="restart-service", cache_policy=NO_CACHE)
+def restart_service(controller: Controller) -> ServiceStatus:
+    """Restart through the service's controller (process, systemd, docker, kubernetes)."""
+    return controller.restart()
+
+
+@flow(name="service-restart", log_prints=True)
+def service_restart(service: str, force: bool = False, ready_deadline_seconds: float | None = None,
+                    watch_seconds: float | None = None, dry_run: bool = False) -> RestartResult:
+    """Restart a service that is down or sick, then prove it recovered (runbook 1).
+
+    Use: the service fails its health checks, hangs, or answers with errors.
+    Steps:
+      1. confirm the problem: probe /health, /ready and /live; a healthy service is not
+         restarted unless `force` (the run says why);
+      2. collect its recent logs into the report;
+      3. restart it through its controller;
+      4. wait until /ready passes (deadline: `ready_deadline_seconds`, default from config);
+      5. watch /health stay green for `watch_seconds`.
+    One restart per service at a time. `dry_run` confirms and plans, restarting nothing.
+    A service that never becomes ready fails the run with its logs and a CRITICAL notice.
+    """
+    settings = load_settings()
+    cfg = settings.service(service)
+    controller = settings.controller(service)
+    deadline = ready_deadline_seconds or cfg.ready_deadline_seconds
+    watch = cfg.watch_seconds if watch_seconds is None else watch_seconds
+
+    with RunReport("Service restart", service) as run:
+        try:
+            with run.step("confirm the problem") as step:
+                before = [probe(cfg.base_url, kind, cfg.probe_timeout) for kind in ProbeKind]
+                sick = [f"/{p.kind.value}: {p.reason}" for p in before if not p.ok]
+                step.detail = "; ".join(sick) or "all probes pass"
+            for p in before:
+                run.figure(f"Before: /{p.kind.value}", "ok" if p.ok else p.reason)
+            if not sick and not force:
+                run.outcome = "not restarted (healthy)"
+                print(f"{service} is healthy; not restarting it (use force to restart anyway)")
+                return RestartResult(service=service, restarted=False, why="healthy: all probes pass",
+                                     probes_before=before)
+            why = "; ".join(sick) if sick else "forced while healthy"
+            with run.step("collect recent logs") as step:
+                logs = _logs(controller)
+                step.detail = f"{len(logs)} lines"
+            run.figure("Recent logs (last 20)", " / ".join(logs[-20:]) or "none")
+            if dry_run:
+                run.outcome = "planned (dry run)"
+                print(f"Plan: restart {service} ({why}), wait up to {deadline:g}s for /ready, watch {watch:g}s")
+                return RestartResult(service=service, restarted=False, dry_run=True, why=why, probes_before=before)
+            announce(settings, run, Severity.HIGH, f"Restarting {service}: {why}.")
+            with exclusive("service", service):
+                t0 = time.monotonic()
+                with run.step("restart") as step:
+                    step.detail = restart_service(controller).detail
+                with run.step("wait until ready") as step:
+                    try:
+                        wait_until_ready(cfg.base_url, deadline, interval=1.0, timeout=cfg.probe_timeout)
+                    except ServiceNotReady:
+                        run.figure("Logs after restart (last 20)", " / ".join(_logs(controller)[-20:]) or "none")
+                        raise
+                ready_after = time.monotonic() - t0
+                run.figure("Time to ready", f"{ready_after:.1f} s")
+                with run.step(f"watch /health for {watch:g}s") as step:
+                    _watch(cfg.base_url, watch, cfg.probe_timeout)
+                    step.detail = "stayed green; Prometheus error rate not checked (no Prometheus configured)"
+                healthy_after = time.monotonic() - t0
+            run.figure("Time to healthy", f"{healthy_after:.1f} s")
+            run.outcome = "recovered"
+            announce(settings, run, Severity.INFO, f"{service} recovered in {healthy_after:.1f} s.")
+            return RestartResult(service=service, restarted=True, why=why, seconds_to_ready=ready_after,
+                                 seconds_to_healthy=healthy_after, probes_before=before)
+        except Exception as exc:
+            run.outcome = "failed"
+            announce(settings, run, Severity.CRITICAL, f"Restart of {service} did not bring it back.", failed=exc)
+            raise
+
+
+def _logs(controller: Controller) -> list[str]:
+    try:
+        return controller.logs(100)
+    except ServiceError as exc:  # logs are evidence, not a reason to stop
+        return [f"(logs unavailable: {exc})"]
+
+
+def _watch(base_url: str, seconds: float, timeout: float) -> None:
+    """/health must pass at every probe for `seconds`."""
+    end = time.monotonic() + seconds
+    while True:
+        result = probe(base_url, ProbeKind.HEALTH, timeout)
+        if not result.ok:
+            raise ServiceNotReady(f"{base_url}/health failed while watching: {result.reason}")
+        if time.monotonic() >= end:
+            return
+        time.sleep(min(1.0, max(end - time.monotonic(), 0)))
