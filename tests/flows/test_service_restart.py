@@ -104,3 +104,19 @@ def test_unknown_service_is_named(sample_db, tmp_path, write_config):
     write_config(_config(tmp_path, sample_db, free_port(), ["true"]))
     with pytest.raises(ConfigError, match=r"unknown service 'apii' \(known: api\)"):
         service_restart("apii")
+
+
+def test_health_check_records_state_and_metrics(api, tmp_path):
+    from flows.health_check import ServicesUnhealthy, health_check
+
+    _, url = api
+    metrics = tmp_path / "metrics" / "runbooks.prom"
+    result = health_check(metrics_file=str(metrics))
+    assert result.healthy and [s.service for s in result.services] == ["api"]
+    text = metrics.read_text()
+    assert 'runbooks_probe_success{service="api",probe="ready"} 1' in text
+    httpx.post(f"{url}/admin/fault", json={"mode": "error"})
+    with pytest.raises(ServicesUnhealthy, match="unhealthy: api"):
+        health_check(metrics_file=str(metrics))
+    assert 'runbooks_probe_success{service="api",probe="health"} 0' in metrics.read_text()
+    assert 'runbooks_probe_success{service="api",probe="live"} 1' in metrics.read_text()
