@@ -1,9 +1,10 @@
-"""`make demo`: the backup and restore-test runbooks end to end, with nothing installed.
+"""`make demo`: the runbooks end to end, with nothing installed.
 
 Starts an embedded PostgreSQL 16 (pgserver), builds the sample `orders` database,
 runs the backup flow and the restore-test flow through Prefect (its local server on
-SQLite, kept in .demo/prefect so `make ui` can show the runs afterwards), prints a
-short summary and stops what it started.
+SQLite, kept in .demo/prefect so `make ui` can show the runs afterwards), then starts
+the demo API service under the process controller, makes it hang and runs the
+service-restart flow; prints a short summary and stops what it started.
 
     python -m demo [--rows N]      (default 100,000; DEMO_ROWS works too)
 """
@@ -15,8 +16,10 @@ from deployments.environment import tidy_prefect_logs, quiet_prefect
 quiet_prefect()
 
 import argparse  # noqa: E402
+import json  # noqa: E402
 import os  # noqa: E402
 import shutil  # noqa: E402
+import socket  # noqa: E402
 import sys  # noqa: E402
 import time  # noqa: E402
 from pathlib import Path  # noqa: E402
@@ -79,6 +82,7 @@ path = "backups"
         backup_wall = time.monotonic() - t0
         step("running the restore-test flow")
         test = restore_test(database="orders")
+        restart = _restart_drill(config, dsn)
     finally:
         server.cleanup()  # stops the embedded PostgreSQL
 
@@ -92,11 +96,52 @@ Demo summary
   restore test  {"PASSED" if test.passed else "FAILED"}: {test.rows_checked:,} rows in {test.tables_checked} tables \
 match the manifest; pg_amcheck {test.amcheck or "not available"}
                 {test.time_to_verified_seconds:.1f} s from start to verified restore (the measured RTO at this size)
+  service       demo API under the process controller, hang injected: {restart}
   files         backups in {HOME / "backups"}, config in {config}
-  runs          `make ui`, then http://127.0.0.1:4200/runs: both flow runs with their reports (Artifacts tab)
+  runs          `make ui`, then http://127.0.0.1:4200/runs: every flow run with its report (Artifacts tab)
   also try      RUNBOOKS_CONFIG={config} .venv/bin/runbooks backups list
 """)
     return 0
+
+
+def _restart_drill(config: Path, dsn: str) -> str:
+    """Start the demo service, make it hang, and let runbook 1 bring it back."""
+    import httpx
+    import redis
+
+    from flows.service_restart import service_restart
+    from tasks.config import load_settings
+    from tasks.probes import wait_until_ready
+
+    try:
+        redis.Redis(host="127.0.0.1", port=6379, socket_connect_timeout=0.5).ping()
+        cache = "redis://127.0.0.1:6379/0"
+    except redis.RedisError:
+        cache = "none"  # no Redis here: the service runs without a cache (no rate limits)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    argv = [sys.executable, "-m", "demo.service", "--dsn", dsn, "--port", str(port), "--redis", cache]
+    with open(config, "a") as f:
+        f.write(f"""
+[services.api]
+base_url = "http://127.0.0.1:{port}"
+database = "orders"
+watch_seconds = 5
+controller = {{ kind = "process", command = {json.dumps(argv)}, pid_file = "api.pid", log_file = "api.log", grace_seconds = 5 }}
+""")
+    controller = load_settings().controller("api")
+    step(f"starting the demo API service on port {port} (process controller, cache: {cache})")
+    controller.start()
+    try:
+        wait_until_ready(f"http://127.0.0.1:{port}", deadline_seconds=30, interval=0.2)
+        step("injecting a hang, then running the service-restart flow")
+        httpx.post(f"http://127.0.0.1:{port}/admin/fault", json={"mode": "hang"}, timeout=5)
+        result = service_restart(service="api")
+    finally:
+        controller.stop()
+    return (f"restarted, ready in {result.seconds_to_ready:.1f} s, healthy (5 s watch) after "
+            f"{result.seconds_to_healthy:.1f} s")
 
 
 def step(text: str) -> None:

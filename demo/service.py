@@ -41,7 +41,7 @@ EXEMPT = ("/admin/", "/live")  # drills must stay switchable; liveness reflects 
 
 class ServiceSettings(BaseModel):
     dsn: str
-    redis_url: str = "redis://127.0.0.1:6379/0"
+    redis_url: str | None = "redis://127.0.0.1:6379/0"  # None: no cache (no rate limits)
     default_rpm: int = 60  # when no rate_limit:tier:<tier>:requests_per_minute is set
     slow_seconds: float = 2.0
     check_timeout: float = 2.0
@@ -57,7 +57,7 @@ def create_app(settings: ServiceSettings) -> FastAPI:
     started = time.monotonic()
     state: dict[str, Any] = {"fault": "none"}
     cache = redis.Redis.from_url(settings.redis_url, socket_timeout=settings.check_timeout,
-                                 socket_connect_timeout=settings.check_timeout)
+                                 socket_connect_timeout=settings.check_timeout) if settings.redis_url else None
     registry = CollectorRegistry()
     requests_total = Counter("fraiseql_http_requests_total", "HTTP requests", ["status"], registry=registry)
     query_seconds = Histogram("fraiseql_query_duration_seconds", "API query duration", registry=registry)
@@ -68,6 +68,7 @@ def create_app(settings: ServiceSettings) -> FastAPI:
 
     def set_fault(mode: str) -> None:
         state["fault"] = mode
+        print(f"fault injection: {mode}", flush=True)
 
     try:  # signals work only in the main thread (not under a test's in-process server)
         signal.signal(signal.SIGUSR1, lambda *_: set_fault("hang"))
@@ -113,12 +114,13 @@ def create_app(settings: ServiceSettings) -> FastAPI:
             await run_in_threadpool(query, "SELECT 1")
         except psycopg.Error:
             db_ok, reason = False, "Database unavailable"
-        try:
-            await run_in_threadpool(cache.ping)
-        except redis.RedisError:
-            cache_ok, reason = False, reason or "Cache unavailable"
+        if cache is not None:
+            try:
+                await run_in_threadpool(cache.ping)
+            except redis.RedisError:
+                cache_ok, reason = False, reason or "Cache unavailable"
         body = {"ready": db_ok and cache_ok, "database_connected": db_ok,
-                "cache_available": cache_ok, "reason": reason}
+                "cache_available": cache_ok if cache is not None else None, "reason": reason}
         return JSONResponse(body, status_code=200 if body["ready"] else 503)
 
     @app.get("/live")
@@ -153,12 +155,14 @@ def create_app(settings: ServiceSettings) -> FastAPI:
         if not rows:
             return JSONResponse({"error": "unknown or revoked API key"}, status_code=401)
         key_id, user_id, tier = rows[0]
+        limit, used = settings.default_rpm, 0
         try:
-            ns = settings.key_prefix
-            limit = int(cache.get(f"{ns}rate_limit:tier:{tier}:requests_per_minute") or settings.default_rpm)
-            window = f"{ns}rate:{key_id}:{int(time.time() // 60)}"
-            used = cache.incr(window)
-            cache.expire(window, 120)
+            if cache is not None:  # without a cache (demo without Redis) nothing is limited
+                ns = settings.key_prefix
+                limit = int(cache.get(f"{ns}rate_limit:tier:{tier}:requests_per_minute") or settings.default_rpm)
+                window = f"{ns}rate:{key_id}:{int(time.time() // 60)}"
+                used = cache.incr(window)
+                cache.expire(window, 120)
         except redis.RedisError:
             return JSONResponse({"error": "rate limiter unavailable"}, status_code=503)
         if used > limit:
@@ -178,15 +182,16 @@ def main(argv: list[str] | None = None) -> None:
 
     parser = argparse.ArgumentParser(prog="python -m demo.service", description=__doc__.splitlines()[0])
     parser.add_argument("--dsn", required=True)
-    parser.add_argument("--redis", default="redis://127.0.0.1:6379/0")
+    parser.add_argument("--redis", default="redis://127.0.0.1:6379/0", help='"none": run without a cache')
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=8000)
     parser.add_argument("--default-rpm", type=int, default=60)
     parser.add_argument("--key-prefix", default="", help="prefix of this service's Redis keys")
     args = parser.parse_args(argv)
-    app = create_app(ServiceSettings(dsn=args.dsn, redis_url=args.redis, default_rpm=args.default_rpm,
+    redis_url = None if args.redis == "none" else args.redis
+    app = create_app(ServiceSettings(dsn=args.dsn, redis_url=redis_url, default_rpm=args.default_rpm,
                                      key_prefix=args.key_prefix))
-    uvicorn.run(app, host=args.host, port=args.port, log_level="warning", timeout_graceful_shutdown=30)
+    uvicorn.run(app, host=args.host, port=args.port, log_level="info", timeout_graceful_shutdown=30)
 
 
 if __name__ == "__main__":
