@@ -178,6 +178,24 @@ def run_retention(database: Optional[str] = typer.Option(None),
     backup_retention(database=database, dry_run=dry_run, auto_approve=yes)
 
 
+@app.command("restart")
+def run_restart(service: str, force: bool = typer.Option(False, "--force", help="restart even if healthy"),
+                dry_run: bool = typer.Option(False, "--dry-run")) -> None:
+    """Runbook 1: restart SERVICE if its probes fail, and prove it recovered."""
+    from flows.service_restart import service_restart
+
+    load_settings().service(service)
+    service_restart(service=service, force=force, dry_run=dry_run)
+
+
+@app.command("health")
+def run_health(metrics_file: Optional[str] = typer.Option(None, help="also write Prometheus metrics here")) -> None:
+    """Probe every configured service once (the health-check flow)."""
+    from flows.health_check import health_check
+
+    health_check(metrics_file=metrics_file)
+
+
 @app.command("serve")
 def serve() -> None:
     """Serve every deployment in prefect.yaml from this process (schedules included)."""

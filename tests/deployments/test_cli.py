@@ -67,3 +67,9 @@ def test_a_failed_run_prints_no_traceback(sample_db, tmp_path, write_config):
     assert proc.stderr.strip().splitlines()[-1] == \
         f"error: no backups of database 'orders' in store 'primary' ({tmp_path / 'store'})"
     assert "Starting temporary server" not in proc.stderr
+
+
+def test_restart_names_an_unknown_service(sample_db, tmp_path, write_config):
+    path = write_config(local_config(sample_db, tmp_path / "store"))
+    proc = _cli("restart", "api", env={"RUNBOOKS_CONFIG": str(path)})
+    assert proc.returncode == 2 and "unknown service 'api' (known: none configured)" in proc.stderr
