@@ -120,3 +120,20 @@ def test_health_check_records_state_and_metrics(api, tmp_path):
         health_check(metrics_file=str(metrics))
     assert 'runbooks_probe_success{service="api",probe="health"} 0' in metrics.read_text()
     assert 'runbooks_probe_success{service="api",probe="live"} 1' in metrics.read_text()
+
+
+def test_a_service_that_crashes_on_start_fails_with_the_crash_log(sample_db, tmp_path, write_config):
+    from prefect.client.orchestration import get_client
+
+    port = free_port()
+    crash = [sys.executable, "-c", "import sys; print('FATAL: config file missing', flush=True); sys.exit(3)"]
+    write_config(_config(tmp_path, sample_db, port, crash).replace("ready_deadline_seconds = 20",
+                                                                   "ready_deadline_seconds = 2"))
+    with pytest.raises(ServiceNotReady):
+        service_restart("api")
+    with get_client(sync_client=True) as client:
+        arts = client.request("POST", "/artifacts/filter", json={
+            "artifacts": {"key": {"any_": ["service-restart-api"]}}, "sort": "CREATED_DESC",
+            "limit": 1, "offset": 0}).json()
+    report = arts[0]["data"]
+    assert "**Outcome:** failed" in report and "FATAL: config file missing" in report
