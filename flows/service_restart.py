@@ -46,7 +46,8 @@ def service_restart(service: str, force: bool = False, ready_deadline_seconds: f
       3. restart it through its controller;
       4. wait until /ready passes (deadline: `ready_deadline_seconds`, default from config);
       5. watch /health stay green for `watch_seconds`.
-    One restart per service at a time. `dry_run` confirms and plans, restarting nothing.
+    One run per service at a time, confirmation included. `dry_run` confirms and plans,
+    restarting nothing.
     A service that never becomes ready fails the run with its logs and a CRITICAL notice.
     """
     settings = load_settings()
@@ -55,7 +56,9 @@ def service_restart(service: str, force: bool = False, ready_deadline_seconds: f
     deadline = ready_deadline_seconds or cfg.ready_deadline_seconds
     watch = cfg.watch_seconds if watch_seconds is None else watch_seconds
 
-    with RunReport("Service restart", service) as run:
+    with RunReport("Service restart", service) as run, exclusive("service", service):
+        # The slot covers the confirmation too: a run queued behind another restart
+        # probes again once it gets the slot, and finds the service healthy.
         try:
             with run.step("confirm the problem") as step:
                 before = [probe(cfg.base_url, kind, cfg.probe_timeout) for kind in ProbeKind]
@@ -78,22 +81,21 @@ def service_restart(service: str, force: bool = False, ready_deadline_seconds: f
                 print(f"Plan: restart {service} ({why}), wait up to {deadline:g}s for /ready, watch {watch:g}s")
                 return RestartResult(service=service, restarted=False, dry_run=True, why=why, probes_before=before)
             announce(settings, run, Severity.HIGH, f"Restarting {service}: {why}.")
-            with exclusive("service", service):
-                t0 = time.monotonic()
-                with run.step("restart") as step:
-                    step.detail = restart_service(controller).detail
-                with run.step("wait until ready") as step:
-                    try:
-                        wait_until_ready(cfg.base_url, deadline, interval=1.0, timeout=cfg.probe_timeout)
-                    except ServiceNotReady:
-                        run.figure("Logs after restart (last 20)", " / ".join(_logs(controller)[-20:]) or "none")
-                        raise
-                ready_after = time.monotonic() - t0
-                run.figure("Time to ready", f"{ready_after:.1f} s")
-                with run.step(f"watch /health for {watch:g}s") as step:
-                    _watch(cfg.base_url, watch, cfg.probe_timeout)
-                    step.detail = "stayed green; Prometheus error rate not checked (no Prometheus configured)"
-                healthy_after = time.monotonic() - t0
+            t0 = time.monotonic()
+            with run.step("restart") as step:
+                step.detail = restart_service(controller).detail
+            with run.step("wait until ready") as step:
+                try:
+                    wait_until_ready(cfg.base_url, deadline, interval=1.0, timeout=cfg.probe_timeout)
+                except ServiceNotReady:
+                    run.figure("Logs after restart (last 20)", " / ".join(_logs(controller)[-20:]) or "none")
+                    raise
+            ready_after = time.monotonic() - t0
+            run.figure("Time to ready", f"{ready_after:.1f} s")
+            with run.step(f"watch /health for {watch:g}s") as step:
+                _watch(cfg.base_url, watch, cfg.probe_timeout)
+                step.detail = "stayed green; Prometheus error rate not checked (no Prometheus configured)"
+            healthy_after = time.monotonic() - t0
             run.figure("Time to healthy", f"{healthy_after:.1f} s")
             run.outcome = "recovered"
             announce(settings, run, Severity.INFO, f"{service} recovered in {healthy_after:.1f} s.")

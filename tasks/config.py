@@ -134,8 +134,9 @@ def _describe(error: Any) -> str:
     """One validation error as `key.path: what was expected` (never the input value)."""
     loc = ".".join(str(p) for p in error["loc"] if not str(p).startswith(("function-", "tagged-union")))
     msg = error["msg"].removeprefix("Value error, ")
-    if error["type"] == "union_tag_invalid" or error["type"] == "union_tag_not_found":
-        msg = "expected kind = \"local\" or \"s3\""
+    if error["type"] in ("union_tag_invalid", "union_tag_not_found"):
+        tags = str(error.get("ctx", {}).get("expected_tags", "")).replace("'", '"')
+        msg = f"expected kind = {tags.replace(', ', ' or ')}" if tags else "a known kind"
     return f"{loc}: {msg}" if loc else msg
 
 

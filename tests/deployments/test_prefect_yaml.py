@@ -11,7 +11,8 @@ def _props(d) -> dict:
 
 def test_every_deployment_builds_with_valid_parameters():
     deployments = {d.name: d for d in load_deployments()}
-    assert set(deployments) == {"backup-orders", "restore-test-orders", "backup-retention", "health-check"}
+    assert set(deployments) == {"backup-orders", "restore-test-orders", "backup-retention", "health-check",
+                                "service-restart-api"}
     for d in deployments.values():
         props = _props(d)
         for name in d.parameters:
@@ -23,7 +24,8 @@ def test_schedules_are_the_agreed_ones():
     deployments = {d.name: d for d in load_deployments()}
     crons = {name: [s.schedule.cron for s in d.schedules] for name, d in deployments.items()}
     assert crons == {"backup-orders": ["0 0,6,12,18 * * *"], "restore-test-orders": ["0 3 * * 0"],
-                     "backup-retention": ["30 4 * * *"], "health-check": ["* * * * *"]}
+                     "backup-retention": ["30 4 * * *"], "health-check": ["* * * * *"],
+                     "service-restart-api": []}
     for d in deployments.values():
         assert all(s.schedule.timezone == "UTC" for s in d.schedules)
         assert d.concurrency_limit == 1
