@@ -36,7 +36,8 @@ controller = {{ kind = "process", command = [{argv}], pid_file = "{tmp_path / 'a
 def api(sample_db, tmp_path, write_config):
     port = free_port()
     write_config(_config(tmp_path, sample_db, port,
-                         [sys.executable, "-m", "demo.service", "--dsn", sample_db, "--port", str(port)]))
+                         [sys.executable, "-m", "demo.service", "--dsn", sample_db, "--port", str(port),
+                          "--redis", "none"]))
     ctl = load_settings().controller("api")
     ctl.start()
     url = f"http://127.0.0.1:{port}"

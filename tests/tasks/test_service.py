@@ -20,7 +20,8 @@ def controller(tmp_path, command: list[str], grace: float = 10) -> ProcessContro
 def test_start_stop_restart_the_demo_service(tmp_path, sample_db):
     port = free_port()
     url = f"http://127.0.0.1:{port}"
-    ctl = controller(tmp_path, [sys.executable, "-m", "demo.service", "--dsn", sample_db, "--port", str(port)])
+    ctl = controller(tmp_path, [sys.executable, "-m", "demo.service", "--dsn", sample_db, "--port", str(port),
+                          "--redis", "none"])
     first = ctl.start()
     try:
         assert first.running and first.replicas == 1
