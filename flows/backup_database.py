@@ -51,7 +51,7 @@ def backup_database(database: str, dry_run: bool = False) -> BackupResult:
     db = settings.database(database)
     store = settings.open_store(db.config.store)
     enc = settings.encryption(db.config.store)
-    replica_name = settings.store(db.config.store).replica
+    _, replica_name = settings.stores_for(db)
     replica = settings.open_store(replica_name) if replica_name else None
 
     with RunReport("Backup", database) as run:

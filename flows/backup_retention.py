@@ -14,6 +14,7 @@ from tasks.concurrency import exclusive
 from tasks.config import Settings, load_settings
 from tasks.notify import Severity
 from tasks.report import RunReport, human_bytes
+from tasks.storage import Store
 
 ORPHAN_AGE = timedelta(days=1)  # older than any backup still being written
 
@@ -83,16 +84,14 @@ def backup_retention(database: str | None = None, dry_run: bool = False,
 
 
 def _stores(settings: Settings, name: str) -> list[str]:
-    primary = settings.database(name).config.store or ""
-    replica = settings.store(primary).replica
+    primary, replica = settings.stores_for(settings.database(name))
     return [primary] + ([replica] if replica else [])
 
 
-def _expired(settings: Settings, name: str, store_name: str,
+def _expired(settings: Settings, name: str, store: Store,
              verified: dict[str, backups.Verification]) -> tuple[list[backups.Backup], list[backups.Backup], list[str]]:
     """(all backups, the expired ones, orphans) of one database in one store."""
     db = settings.database(name)
-    store = settings.open_store(store_name)
     entries = backups.list_backups(store, name)
     for b in entries:  # the primary's test records also hold for its copies
         if b.verification is None and b.manifest.id in verified:
@@ -112,7 +111,7 @@ def _select(settings: Settings, names: list[str], run: RunReport,
         for store_name in _stores(settings, name):
             label = f"{name}@{store_name}"
             with run.step(f"select {label}") as step:
-                entries, gone, stray = _expired(settings, name, store_name, verified)
+                entries, gone, stray = _expired(settings, name, settings.open_store(store_name), verified)
                 step.detail = (f"{len(entries)} backups, {len(gone)} past "
                                f"{settings.database(name).config.retention_days} days, {len(stray)} orphans")
             result.deleted[label] = [b.manifest.id for b in gone]
@@ -146,12 +145,12 @@ def _delete(settings: Settings, names: list[str], plan: dict[str, list[str]],
             verified: dict[str, backups.Verification] = {}
             for store_name in _stores(settings, name):
                 label = f"{name}@{store_name}"
-                _, gone, stray = _expired(settings, name, store_name, verified)
+                store = settings.open_store(store_name)
+                _, gone, stray = _expired(settings, name, store, verified)
                 still = {b.manifest.id for b in gone} | set(stray)
                 doomed = [i for i in plan.get(label, []) if i in still]
                 if doomed:
                     with run.step(f"delete {len(doomed)} from {label}"):
-                        store = settings.open_store(store_name)
                         for backup_id in doomed:
                             backups.delete_backup(store, backup_id)
                             deleted.setdefault(label, []).append(backup_id)

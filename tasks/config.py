@@ -97,6 +97,11 @@ class Settings(BaseSettings):
         replicas = {st.replica for st in self.stores.values() if st.replica}
         return sorted(self.stores, key=lambda n: (n in replicas, n))
 
+    def stores_for(self, db: Database) -> tuple[str, str | None]:
+        """The database's store and that store's replica, if any."""
+        primary = db.config.store or ""  # always set once validated
+        return primary, self.store(primary).replica
+
     def open_store(self, name: str) -> Store:
         return open_store(name, self.store(name))
 

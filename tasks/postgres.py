@@ -400,9 +400,7 @@ class _Tail:
     def text(self) -> str:
         if self._thread:
             self._thread.join(timeout=5)
-        lines = self._buf.decode(errors="replace").strip().splitlines()
-        errors = [ln for ln in lines if "error" in ln.lower()] or lines
-        return " | ".join(errors[-3:])
+        return _first(self._buf, newest=True)
 
 
 def restore_list(db: Database, archive: Path | None, stdin_chunks: Iterator[bytes] | None = None,
@@ -456,10 +454,11 @@ def _feed(proc: subprocess.Popen[bytes], chunks: Iterator[bytes] | None,
     return b"".join(out), b"".join(err)
 
 
-def _first(err: bytes) -> str:
+def _first(err: bytes, newest: bool = False) -> str:
+    """Up to three of a tool's error lines (all its lines if none says "error")."""
     lines = err.decode(errors="replace").strip().splitlines()
     errors = [ln for ln in lines if "error" in ln.lower()] or lines
-    return " | ".join(errors[:3]) or "no message"
+    return " | ".join(errors[-3:] if newest else errors[:3]) or "no message"
 
 
 def create_database(db: Database, name: str) -> None:
