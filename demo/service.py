@@ -10,10 +10,12 @@ Endpoints (reference: "Health Checks" in 002):
                 fraiseql_db_connections_active, fraiseql_uptime_seconds
   GET /api/orders        needs `Authorization: Bearer <api key>`; only key hashes are
                          stored; 401 for unknown or revoked keys; 429 over the tier's limit
-  POST /admin/fault      {"mode": "none" | "hang" | "error" | "slow" | "crash"} (drills);
+  POST /admin/fault      {"mode": "none" | "hang" | "error" | "api-error" | "slow" | "crash"}
+                         (drills; "api-error" fails only /api/, a bug the probes do not see);
                          SIGUSR1 switches to "hang", SIGUSR2 back to "none"
 
     python -m demo.service --dsn DSN [--redis redis://127.0.0.1:6379/0] [--port 8000]
+                           [--fault MODE]   (start faulty: a bad release a restart does not cure)
 uvicorn handles SIGTERM gracefully: it stops accepting and lets in-flight requests finish.
 """
 
@@ -35,7 +37,7 @@ from fastapi.responses import JSONResponse, PlainTextResponse
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from pydantic import BaseModel
 
-FAULTS = ("none", "hang", "error", "slow", "crash")
+FAULTS = ("none", "hang", "error", "api-error", "slow", "crash")
 EXEMPT = ("/admin/", "/live")  # drills must stay switchable; liveness reflects the process
 
 
@@ -46,6 +48,7 @@ class ServiceSettings(BaseModel):
     slow_seconds: float = 2.0
     check_timeout: float = 2.0
     key_prefix: str = ""  # namespaces this service's Redis keys (tests, several services)
+    fault: str = "none"  # the fault it starts with
 
 
 class Fault(BaseModel):
@@ -55,7 +58,7 @@ class Fault(BaseModel):
 def create_app(settings: ServiceSettings) -> FastAPI:
     app = FastAPI(title="fraiseql-demo", docs_url=None, redoc_url=None)
     started = time.monotonic()
-    state: dict[str, Any] = {"fault": "none"}
+    state: dict[str, Any] = {"fault": settings.fault}
     cache = redis.Redis.from_url(settings.redis_url, socket_timeout=settings.check_timeout,
                                  socket_connect_timeout=settings.check_timeout) if settings.redis_url else None
     registry = CollectorRegistry()
@@ -84,7 +87,7 @@ def create_app(settings: ServiceSettings) -> FastAPI:
                 os._exit(70)
             if fault == "hang":
                 await asyncio.sleep(3600)
-            if fault == "error":
+            if fault == "error" or (fault == "api-error" and request.url.path.startswith("/api/")):
                 requests_total.labels("500").inc()
                 return JSONResponse({"error": "injected fault"}, status_code=500)
             if fault == "slow":
@@ -187,10 +190,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--port", type=int, default=8000)
     parser.add_argument("--default-rpm", type=int, default=60)
     parser.add_argument("--key-prefix", default="", help="prefix of this service's Redis keys")
+    parser.add_argument("--fault", default="none", choices=FAULTS, help="start with this fault switched on")
     args = parser.parse_args(argv)
     redis_url = None if args.redis == "none" else args.redis
     app = create_app(ServiceSettings(dsn=args.dsn, redis_url=redis_url, default_rpm=args.default_rpm,
-                                     key_prefix=args.key_prefix))
+                                     key_prefix=args.key_prefix, fault=args.fault))
     uvicorn.run(app, host=args.host, port=args.port, log_level="info", timeout_graceful_shutdown=30)
 
 

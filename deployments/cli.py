@@ -17,7 +17,9 @@ from rich.console import Console  # noqa: E402
 from rich.table import Table  # noqa: E402
 
 from tasks import backups, postgres  # noqa: E402
-from tasks.config import config_path, load_settings  # noqa: E402
+from tasks.config import Settings, config_path, load_settings  # noqa: E402
+from tasks.probes import ProbeKind, probe  # noqa: E402
+from tasks.prometheus import MetricsUnavailable, query_value  # noqa: E402
 from tasks.errors import RunbookError  # noqa: E402
 from tasks.report import first_line, human_bytes  # noqa: E402
 
@@ -46,7 +48,7 @@ err = _Out(stderr=True)
 
 @config_app.command("check")
 def config_check() -> None:
-    """Validate runbooks.toml and try every database and store (one line each)."""
+    """Validate runbooks.toml and try every database, store, service and Prometheus (one line each)."""
     settings = load_settings()
     out.print(f"config: {config_path()} ok")
     failed = 0
@@ -68,8 +70,44 @@ def config_check() -> None:
         except Exception as exc:  # noqa: BLE001
             failed += 1
             out.print(f"store {name}: [red]FAILED[/red] {first_line(exc)}")
+    if settings.prometheus:
+        try:
+            query_value(settings.prometheus, "vector(1)")
+            out.print(f"prometheus: ok ({settings.prometheus.url})")
+        except Exception as exc:  # noqa: BLE001
+            failed += 1
+            out.print(f"prometheus: [red]FAILED[/red] {first_line(exc)}")
+    for name in sorted(settings.services):
+        failed += not _check_service(settings, name)
     if failed:
         raise typer.Exit(1)
+
+
+def _check_service(settings: Settings, name: str) -> bool:
+    """One line: its controller answers (tool present, API allowed), its probes pass and,
+    with Prometheus, its error-rate query returns a number under the threshold."""
+    cfg = settings.service(name)
+    try:
+        state = settings.controller(name).status().detail
+    except Exception as exc:  # noqa: BLE001
+        out.print(f"service {name}: [red]FAILED[/red] {first_line(exc)}")
+        return False
+    problems = [f"/{p.kind.value}: {p.reason}" for p in (probe(cfg.base_url, kind, cfg.probe_timeout)
+                                                          for kind in ProbeKind) if not p.ok]
+    errors = settings.error_rate(name)
+    if errors:
+        try:
+            rate = errors.read()
+            state += f"; error rate {errors.describe(rate)}"
+            if errors.too_high(rate):
+                problems.append("error rate over its threshold")
+        except MetricsUnavailable as exc:
+            problems.append(f"error rate unknown: {first_line(exc)}")
+    if problems:
+        out.print(f"service {name}: [red]UNHEALTHY[/red] {'; '.join(problems)} ({state})")
+        return False
+    out.print(f"service {name}: ok ({state}; {cfg.base_url} probes pass)")
+    return True
 
 
 def _age(when: datetime) -> str:

@@ -11,10 +11,14 @@ from pydantic import BaseModel
 from flows._common import announce
 from tasks.concurrency import exclusive
 from tasks.config import load_settings
+from tasks.errors import RunbookError
 from tasks.notify import Severity
 from tasks.probes import ProbeKind, ProbeResult, ServiceNotReady, probe, wait_until_ready
-from tasks.report import RunReport
+from tasks.prometheus import ErrorRate, MetricsUnavailable, percent
+from tasks.report import RunReport, first_line
 from tasks.service import Controller, ServiceError, ServiceStatus
+
+READING_INTERVAL = 5.0  # seconds between error-rate readings while watching
 
 
 class RestartResult(BaseModel):
@@ -25,6 +29,8 @@ class RestartResult(BaseModel):
     seconds_to_ready: float | None = None
     seconds_to_healthy: float | None = None
     probes_before: list[ProbeResult] = []
+    error_rate_before: float | None = None
+    error_rate_after: float | None = None
 
 
 @task(name="restart-service", cache_policy=NO_CACHE)
@@ -40,12 +46,14 @@ def service_restart(service: str, force: bool = False, ready_deadline_seconds: f
 
     Use: the service fails its health checks, hangs, or answers with errors.
     Steps:
-      1. confirm the problem: probe /health, /ready and /live; a healthy service is not
-         restarted unless `force` (the run says why);
+      1. confirm the problem: probe /health, /ready and /live and, where Prometheus is
+         configured, read the error rate; a healthy service is not restarted unless
+         `force` (the run says why);
       2. collect its recent logs into the report;
       3. restart it through its controller;
       4. wait until /ready passes (deadline: `ready_deadline_seconds`, default from config);
-      5. watch /health stay green for `watch_seconds`.
+      5. watch /health stay green for `watch_seconds`; then, where Prometheus is
+         configured, the error rate must be back under its threshold.
     One run per service at a time, confirmation included. `dry_run` confirms and plans,
     restarting nothing.
     A service that never becomes ready fails the run with its logs and a CRITICAL notice.
@@ -53,6 +61,7 @@ def service_restart(service: str, force: bool = False, ready_deadline_seconds: f
     settings = load_settings()
     cfg = settings.service(service)
     controller = settings.controller(service)
+    errors = settings.error_rate(service)
     deadline = ready_deadline_seconds or cfg.ready_deadline_seconds
     watch = cfg.watch_seconds if watch_seconds is None else watch_seconds
 
@@ -63,14 +72,26 @@ def service_restart(service: str, force: bool = False, ready_deadline_seconds: f
             with run.step("confirm the problem") as step:
                 before = [probe(cfg.base_url, kind, cfg.probe_timeout) for kind in ProbeKind]
                 sick = [f"/{p.kind.value}: {p.reason}" for p in before if not p.ok]
-                step.detail = "; ".join(sick) or "all probes pass"
+                rate_before = None
+                if errors:
+                    try:
+                        rate_before = errors.read()
+                    except MetricsUnavailable as exc:  # the probes still decide
+                        run.figure("Before: error rate", f"unknown: {exc}")
+                    else:
+                        run.figure("Before: error rate", errors.describe(rate_before))
+                        if errors.too_high(rate_before):
+                            sick.append(f"error rate {errors.describe(rate_before)}")
+                step.detail = "; ".join(sick) or ("all probes pass" + (", error rate under its threshold"
+                                                                       if rate_before is not None else ""))
             for p in before:
                 run.figure(f"Before: /{p.kind.value}", "ok" if p.ok else p.reason)
             if not sick and not force:
                 run.outcome = "not restarted (healthy)"
-                print(f"{service} is healthy; not restarting it (use force to restart anyway)")
-                return RestartResult(service=service, restarted=False, why="healthy: all probes pass",
-                                     probes_before=before)
+                why = "healthy: all probes pass" + (", error rate under its threshold" if rate_before is not None else "")
+                print(f"{service} is {why}; not restarting it (use force to restart anyway)")
+                return RestartResult(service=service, restarted=False, why=why, probes_before=before,
+                                     error_rate_before=rate_before)
             why = "; ".join(sick) if sick else "forced while healthy"
             with run.step("collect recent logs") as step:
                 logs = _logs(controller)
@@ -92,17 +113,22 @@ def service_restart(service: str, force: bool = False, ready_deadline_seconds: f
                     raise
             ready_after = time.monotonic() - t0
             run.figure("Time to ready", f"{ready_after:.1f} s")
-            with run.step(f"watch /health for {watch:g}s") as step:
-                _watch(cfg.base_url, watch, cfg.probe_timeout)
-                step.detail = "stayed green; Prometheus error rate not checked (no Prometheus configured)"
+            with run.step(f"watch /health for {watch:g}s" + (" and the error rate" if errors else "")) as step:
+                rate_after = _watch(cfg.base_url, watch, cfg.probe_timeout, errors, run)
+                step.detail = ("stayed green; " + (f"error rate {errors.describe(rate_after)}" if errors else
+                               "error rate not checked (no [prometheus] configured)"))
             healthy_after = time.monotonic() - t0
             run.figure("Time to healthy", f"{healthy_after:.1f} s")
             run.outcome = "recovered"
             announce(settings, run, Severity.INFO, f"{service} recovered in {healthy_after:.1f} s.")
             return RestartResult(service=service, restarted=True, why=why, seconds_to_ready=ready_after,
-                                 seconds_to_healthy=healthy_after, probes_before=before)
+                                 seconds_to_healthy=healthy_after, probes_before=before,
+                                 error_rate_before=rate_before, error_rate_after=rate_after)
+        except MetricsUnavailable as exc:
+            announce(settings, run, Severity.HIGH, f"{service} was restarted and /health stayed green, "
+                     "but its error rate could not be checked.", failed=exc)
+            raise
         except Exception as exc:
-            run.outcome = "failed"
             announce(settings, run, Severity.CRITICAL, f"Restart of {service} did not bring it back.", failed=exc)
             raise
 
@@ -114,13 +140,49 @@ def _logs(controller: Controller) -> list[str]:
         return [f"(logs unavailable: {exc})"]
 
 
-def _watch(base_url: str, seconds: float, timeout: float) -> None:
-    """/health must pass at every probe for `seconds`."""
-    end = time.monotonic() + seconds
+class ErrorRateTooHigh(RunbookError):
+    """The error rate stayed above its threshold after the restart."""
+
+
+def _watch(base_url: str, seconds: float, timeout: float, errors: ErrorRate | None,
+           run: RunReport) -> float | None:
+    """/health must pass at every probe for `seconds`; then, where Prometheus is
+    configured, the error rate must be under its threshold. Readings every few seconds
+    go into the report, so a slow return to baseline shows."""
+    start = time.monotonic()
+    end, next_reading, readings = start + seconds, start, []
     while True:
         result = probe(base_url, ProbeKind.HEALTH, timeout)
         if not result.ok:
             raise ServiceNotReady(f"{base_url}/health failed while watching: {result.reason}")
-        if time.monotonic() >= end:
-            return
-        time.sleep(min(1.0, max(end - time.monotonic(), 0)))
+        now = time.monotonic()
+        if errors and now >= next_reading and now < end:
+            next_reading = now + READING_INTERVAL
+            try:
+                readings.append(f"{now - start:.0f}s {percent(errors.read())}")
+            except MetricsUnavailable as exc:  # one missed reading is not a verdict; the last one is
+                readings.append(f"{now - start:.0f}s unknown ({first_line(exc)})")
+        if now >= end:
+            break
+        time.sleep(min(1.0, max(end - now, 0)))
+    if errors is None:
+        return None
+    rate = _last_reading(errors)
+    readings.append(f"{time.monotonic() - start:.0f}s {percent(rate)}")
+    run.figure("Error rate while watching", ", ".join(readings))
+    run.figure("Error rate after", errors.describe(rate))
+    if errors.too_high(rate):
+        raise ErrorRateTooHigh(f"the error rate is still {errors.describe(rate)} after watching for "
+                               f"{seconds:g}s")
+    return rate
+
+
+def _last_reading(errors: ErrorRate, attempts: int = 3) -> float | None:
+    for attempt in range(attempts):
+        try:
+            return errors.read()
+        except MetricsUnavailable:
+            if attempt == attempts - 1:
+                raise
+            time.sleep(1.0)
+    raise AssertionError("unreachable")

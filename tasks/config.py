@@ -16,6 +16,7 @@ from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, Settings
 
 from tasks.errors import ConfigError
 from tasks.notify import NotifySettings
+from tasks.prometheus import ErrorRate, PrometheusConfig
 from tasks.postgres import Database, DatabaseConfig
 from tasks.service import Controller, ServiceConfig, open_controller
 from tasks.encryption import EncryptionConfig
@@ -35,6 +36,8 @@ class Settings(BaseSettings):
         default_factory=lambda: {"local": LocalStoreConfig(path=Path("backups"))})
     services: dict[str, ServiceConfig] = Field(default_factory=dict)
     notify: NotifySettings = Field(default_factory=NotifySettings)
+    prometheus: PrometheusConfig | None = Field(None, description="where the services' metrics are; "
+                                                "without it restarts check only the probes")
     work_dir: Path | None = Field(None, description="where restore tests spool the uncompressed "
                                   "archive (needs its size free); default: the system temp dir")
 
@@ -85,6 +88,13 @@ class Settings(BaseSettings):
 
     def controller(self, name: str) -> Controller:
         return open_controller(name, self.service(name))
+
+    def error_rate(self, name: str) -> ErrorRate | None:
+        """The service's error rate in Prometheus; None when no Prometheus is configured."""
+        cfg = self.service(name)
+        if self.prometheus is None:
+            return None
+        return ErrorRate(self.prometheus, cfg.error_rate_promql(name), cfg.error_rate_threshold)
 
     def store(self, name: str) -> StoreConfig:
         if name not in self.stores:

@@ -28,6 +28,7 @@ import httpx
 from pydantic import BaseModel, ConfigDict, Field, SecretStr
 
 from tasks.errors import RunbookError
+from tasks.prometheus import DEFAULT_ERROR_RATE_QUERY
 
 
 class ServiceError(RunbookError):
@@ -391,6 +392,14 @@ class ServiceConfig(BaseModel):
     probe_timeout: float = Field(2.0, gt=0)
     ready_deadline_seconds: float = Field(120, gt=0, description="restart -> ready")
     watch_seconds: float = Field(60, ge=0, description="how long /health must stay green after")
+    prometheus_job: str | None = Field(None, description="its job label in Prometheus; default: its name")
+    error_rate_query: str = Field(DEFAULT_ERROR_RATE_QUERY, description="PromQL for its share of failed "
+                                  "requests (0..1); $job stands for its job")
+    error_rate_threshold: float = Field(0.001, ge=0, le=1, description="0.1 %, the reference's error-rate "
+                                        "SLO: above it the service is sick, and a restart must bring it under")
+
+    def error_rate_promql(self, name: str) -> str:
+        return self.error_rate_query.replace("$job", self.prometheus_job or name)
 
 
 def open_controller(name: str, config: ServiceConfig) -> Controller:

@@ -148,3 +148,43 @@ def free_port() -> int:
 
 
 from tests.slack_standin import _no_proxy, slack  # noqa: E402,F401 - fixtures for every test
+
+
+@pytest.fixture
+def prometheus(tmp_path: Path):
+    """Factory: a real Prometheus (Debian's package) scraping `{job: "host:port"}` every
+    second; returns its URL. Stopped after the test."""
+    import shutil
+    import subprocess
+    import time
+
+    import httpx
+
+    binary = shutil.which("prometheus")
+    need(binary is not None, "prometheus is not installed (apt-get install prometheus)")
+    started: list[subprocess.Popen] = []
+
+    def start(targets: dict[str, str]) -> str:
+        jobs = "".join(f"  - job_name: {job}\n    static_configs:\n      - targets: ['{addr}']\n"
+                       for job, addr in targets.items())
+        config = tmp_path / "prometheus.yml"
+        config.write_text(f"global:\n  scrape_interval: 1s\n  evaluation_interval: 1s\nscrape_configs:\n{jobs}")
+        port = free_port()
+        proc = subprocess.Popen([binary, f"--config.file={config}", f"--storage.tsdb.path={tmp_path / 'tsdb'}",
+                                 f"--web.listen-address=127.0.0.1:{port}", "--log.level=warn"],
+                                stdout=subprocess.DEVNULL, stderr=open(tmp_path / "prometheus.log", "wb"))
+        started.append(proc)
+        url = f"http://127.0.0.1:{port}"
+        for _ in range(100):
+            try:
+                if httpx.get(f"{url}/-/ready", timeout=1).status_code == 200:
+                    return url
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.1)
+        raise RuntimeError(f"prometheus did not start: {(tmp_path / 'prometheus.log').read_text()[-500:]}")
+
+    yield start
+    for proc in started:
+        proc.terminate()
+        proc.wait(timeout=10)

@@ -5,7 +5,9 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import time
 
+import httpx
 from typer.testing import CliRunner
 
 from deployments.cli import app
@@ -73,3 +75,59 @@ def test_restart_names_an_unknown_service(sample_db, tmp_path, write_config):
     path = write_config(local_config(sample_db, tmp_path / "store"))
     proc = _cli("restart", "api", env={"RUNBOOKS_CONFIG": str(path)})
     assert proc.returncode == 2 and "unknown service 'api' (known: none configured)" in proc.stderr
+
+
+def test_config_check_tries_services_and_prometheus(sample_db, tmp_path, write_config, prometheus, monkeypatch):
+    """A running service (its probes, its error rate from a real Prometheus), a stopped one,
+    and one whose controller's tool is missing: one line each, exit 1."""
+    from tasks.config import load_settings
+    from tasks.probes import wait_until_ready
+    from tasks.prometheus import MetricsUnavailable
+
+    port = free_port()
+    prom_url = prometheus({"api": f"127.0.0.1:{port}"})
+    cmd = ", ".join(f'"{a}"' for a in [sys.executable, "-m", "demo.service", "--dsn", sample_db,
+                                       "--port", str(port), "--redis", "none"])
+    write_config(f"""
+[prometheus]
+url = "{prom_url}"
+[services.api]
+base_url = "http://127.0.0.1:{port}"
+controller = {{ kind = "process", command = [{cmd}], pid_file = "{tmp_path}/api.pid", log_file = "{tmp_path}/api.log" }}
+[services.down]
+base_url = "http://127.0.0.1:{free_port()}"
+probe_timeout = 1
+controller = {{ kind = "process", command = ["true"], pid_file = "{tmp_path}/down.pid", log_file = "{tmp_path}/down.log" }}
+[services.web]
+base_url = "http://127.0.0.1:{free_port()}"
+controller = {{ kind = "systemd", unit = "web.service" }}
+""")
+    settings = load_settings()
+    api = settings.controller("api")
+    api.start()
+    try:
+        wait_until_ready(f"http://127.0.0.1:{port}", deadline_seconds=20, interval=0.2)
+        errors = settings.error_rate("api")
+        for _ in range(100):  # until Prometheus has seen requests to take a rate from
+            httpx.get(f"http://127.0.0.1:{port}/health")
+            try:
+                if errors.read() is not None:
+                    break
+            except MetricsUnavailable:
+                pass
+            time.sleep(0.2)
+        (tmp_path / "bin").mkdir()
+        monkeypatch.setenv("PATH", str(tmp_path / "bin"))  # no systemctl
+        result = runner.invoke(app, ["config", "check"])
+    finally:
+        api.stop()
+    lines = result.output.splitlines()
+    assert result.exit_code == 1, result.output
+    assert f"prometheus: ok ({prom_url})" in lines
+    assert any(ln.startswith("service api: ok (pid ") and "error rate 0.00% (threshold 0.10%)" in ln
+               for ln in lines), result.output
+    down = next(ln for ln in lines if ln.startswith("service down: "))
+    assert down.startswith("service down: UNHEALTHY /health: cannot connect") and down.endswith("(not running)")
+    assert 'error rate unknown: the query \'(sum(rate(fraiseql_http_requests_total{job="down"' in down
+    assert "service web: FAILED service 'web': systemctl not found on this machine (its controller needs it)" \
+        in lines

@@ -7,10 +7,11 @@ import sys
 import httpx
 import pytest
 
-from flows.service_restart import service_restart
+from flows.service_restart import ErrorRateTooHigh, service_restart
 from tasks.config import load_settings
 from tasks.errors import ConfigError
 from tasks.probes import ServiceNotReady, wait_until_ready
+from tasks.prometheus import MetricsUnavailable
 from tests.conftest import free_port
 
 
@@ -138,3 +139,147 @@ def test_a_service_that_crashes_on_start_fails_with_the_crash_log(sample_db, tmp
             "limit": 1, "offset": 0}).json()
     report = arts[0]["data"]
     assert "**Outcome:** failed" in report and "FATAL: config file missing" in report
+
+
+# --- The error rate, from a real Prometheus scraping the demo service every second ---
+
+class Traffic:
+    """Requests to /api/orders (no key: 401 when well, 500 under an api-error fault)
+    from a background thread, so there is an error rate to measure."""
+
+    def __init__(self, url: str) -> None:
+        import threading
+
+        self.url, self.stop = url, threading.Event()
+        self.thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        while not self.stop.is_set():
+            try:
+                httpx.get(f"{self.url}/api/orders", timeout=1)
+            except httpx.HTTPError:
+                pass  # restarting
+            self.stop.wait(0.05)
+
+    def __enter__(self) -> "Traffic":
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop.set()
+        self.thread.join()
+
+
+def _until_error_rate_above(prom_url: str, promql: str, threshold: float) -> None:
+    import time
+
+    from tasks.prometheus import MetricsUnavailable, PrometheusConfig, query_value
+
+    for _ in range(100):
+        try:
+            value = query_value(PrometheusConfig(url=prom_url), promql)
+            if value is not None and value > threshold:
+                return
+        except MetricsUnavailable:
+            pass
+        time.sleep(0.2)
+    raise AssertionError("Prometheus never saw the injected errors")
+
+
+def _report(key: str) -> str:
+    from prefect.client.orchestration import get_client
+
+    with get_client(sync_client=True) as client:
+        arts = client.request("POST", "/artifacts/filter", json={
+            "artifacts": {"key": {"any_": [key]}}, "sort": "CREATED_DESC", "limit": 1, "offset": 0}).json()
+    return arts[0]["data"]
+
+
+def _service_with_prometheus(sample_db, tmp_path, write_config, prometheus, fault: str = "none",
+                             service_lines: str = "", prom_url: str | None = None) -> tuple:
+    """The demo service under the process controller, scraped by Prometheus as job "api"
+    (or, given `prom_url`, configured with that Prometheus instead)."""
+    port = free_port()
+    prom_url = prom_url or prometheus({"api": f"127.0.0.1:{port}"})
+    command = [sys.executable, "-m", "demo.service", "--dsn", sample_db, "--port", str(port), "--redis", "none",
+               "--fault", fault]
+    extra = f'{service_lines}\n[prometheus]\nurl = "{prom_url}"\ntimeout = 2\n'
+    write_config(_config(tmp_path, sample_db, port, command, extra=extra).replace("watch_seconds = 1",
+                                                                                  "watch_seconds = 8"))
+    ctl = load_settings().controller("api")
+    ctl.start()
+    url = f"http://127.0.0.1:{port}"
+    wait_until_ready(url, deadline_seconds=20, interval=0.2)
+    return ctl, url, prom_url
+
+
+FAST_QUERY = ('(sum(rate(fraiseql_http_requests_total{job="$job",status=~"5.."}[5s])) or vector(0))'
+              ' / sum(rate(fraiseql_http_requests_total{job="$job"}[5s]))')
+
+
+def test_a_high_error_rate_is_the_problem_and_must_be_gone_after_the_restart(
+        sample_db, tmp_path, write_config, prometheus):
+    """The probes pass (only /api/ fails): Prometheus's error rate is what says the
+    service is sick, and what proves the restart cured it."""
+    ctl, url, prom_url = _service_with_prometheus(sample_db, tmp_path, write_config, prometheus,
+                                                  service_lines=f"error_rate_query = '{FAST_QUERY}'")
+    pid = ctl.status().pid
+    try:
+        with Traffic(url):
+            httpx.post(f"{url}/admin/fault", json={"mode": "api-error"})
+            _until_error_rate_above(prom_url, FAST_QUERY.replace("$job", "api"), 0.5)
+            result = service_restart("api")
+    finally:
+        ctl.stop()
+    assert result.restarted and result.why.startswith("error rate ") and "(threshold 0.10%)" in result.why
+    assert result.error_rate_before > 0.5 and result.error_rate_after is not None
+    assert result.error_rate_after <= 0.001
+    assert ctl.status().pid != pid
+    report = _report("service-restart-api")
+    assert "Error rate while watching" in report and "**Outcome:** recovered" in report
+
+
+def test_an_error_rate_a_restart_does_not_cure_fails_the_run_critically(
+        sample_db, tmp_path, write_config, prometheus, slack):
+    """A bad release: the service starts with the fault. The default query (job = the
+    service's name) still sees errors after the watch, so the run fails."""
+    ctl, url, prom_url = _service_with_prometheus(
+        sample_db, tmp_path, write_config, prometheus, fault="api-error",
+        service_lines=f'[notify]\nslack_token = "xoxb-test"\nslack_api_url = "{slack.url}"')
+    from tasks.service import ServiceConfig
+
+    default = ServiceConfig.model_fields["error_rate_query"].default.replace("$job", "api")
+    try:
+        with Traffic(url):
+            _until_error_rate_above(prom_url, default, 0.5)
+            with pytest.raises(ErrorRateTooHigh, match=r"error rate is still \d+\.\d\d% \(threshold 0\.10%\) "
+                                                       r"after watching for 3s"):
+                service_restart("api", watch_seconds=3)
+    finally:
+        ctl.stop()
+    critical = [r["body"]["text"] for r in slack.requests if "[CRITICAL]" in r["body"]["text"]]
+    assert critical and "did not bring it back" in critical[0]
+    report = _report("service-restart-api")
+    assert "**Outcome:** failed" in report and "Error rate after" in report
+
+
+def test_an_unreachable_prometheus_leaves_the_restart_unverified(sample_db, tmp_path, write_config, slack):
+    """The probes decide whether to restart; the run then fails as not verified (HIGH),
+    naming Prometheus, while the service is back."""
+    gone = f"http://127.0.0.1:{free_port()}"
+    ctl, url, _ = _service_with_prometheus(
+        sample_db, tmp_path, write_config, None, prom_url=gone,
+        service_lines=f'[notify]\nslack_token = "xoxb-test"\nslack_api_url = "{slack.url}"')
+    pid = ctl.status().pid
+    httpx.post(f"{url}/admin/fault", json={"mode": "hang"})
+    try:
+        with pytest.raises(MetricsUnavailable, match=f"Prometheus at {gone} is unreachable"):
+            service_restart("api", watch_seconds=1)
+        assert ctl.status().pid != pid
+        wait_until_ready(url, deadline_seconds=5, interval=0.2)
+    finally:
+        ctl.stop()
+    texts = [r["body"]["text"] for r in slack.requests]
+    assert any(t.startswith("[HIGH] Service restart failed: api") and "could not be checked" in t for t in texts)
+    assert not any("[CRITICAL]" in t for t in texts)
+    assert "Before: error rate | unknown: Prometheus at" in _report("service-restart-api")

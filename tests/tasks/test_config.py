@@ -71,6 +71,8 @@ def test_missing_file_named(tmp_path, monkeypatch):
      "Extra inputs"),
     (GOOD.replace('dsn = "postgresql://app:hunter2-secret@127.0.0.1:5432/orders"', ''),
      "databases.orders.dsn", "Field required"),
+    (GOOD + '\n[prometheus]\nurl = "localhost:9090"\n', "prometheus.url", "must start with http"),
+    (GOOD + '\n[prometheus]\nurl = "http://127.0.0.1:9090"\nuser = "x"\n', "prometheus.user", "Extra inputs"),
 ])
 def test_malformed_values_name_the_key(write_config, text, key, expected):
     write_config(text)
@@ -112,3 +114,21 @@ def test_work_dir_and_home_paths(write_config, monkeypatch, tmp_path):
     s = load_settings()
     assert s.work_dir == path.parent / "spool"
     assert s.store("primary").path == tmp_path / "home" / "bk"
+
+
+def test_error_rate_needs_prometheus_and_uses_the_job(write_config):
+    service = """
+[services.api]
+base_url = "http://127.0.0.1:8000"
+controller = { kind = "systemd", unit = "api.service" }
+"""
+    write_config(GOOD + service)
+    assert load_settings().error_rate("api") is None
+    write_config(GOOD + service + 'prometheus_job = "fraiseql"\nerror_rate_threshold = 0.005\n'
+                 + '[prometheus]\nurl = "http://127.0.0.1:9090/"\n')
+    errors = load_settings().error_rate("api")
+    assert errors.prom.url == "http://127.0.0.1:9090" and errors.threshold == 0.005
+    assert 'job="fraiseql",status=~"5.."' in errors.promql and "$job" not in errors.promql
+    write_config(GOOD + service + "error_rate_threshold = 5\n")
+    with pytest.raises(ConfigError, match="services.api.error_rate_threshold: Input should be less than or equal to 1"):
+        load_settings()

@@ -1,0 +1,107 @@
+"""Read figures from Prometheus's HTTP API: the error rate a restart must bring back
+under its threshold (runbook 1, "error rate returns to baseline").
+
+Why a module of its own: the restart runbook, `config check` and (later) the SLO report
+all ask Prometheus; one place knows the API's shapes and turns each way it can go
+wrong (unreachable, bad PromQL, no data) into one clear error.
+
+    >>> prom = PrometheusConfig(url="http://127.0.0.1:9090")
+    >>> query_value(prom, "vector(0.25)")
+    0.25
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import httpx
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from tasks.errors import RunbookError
+
+# The share of the service's requests answered 5xx over the last minute. `or vector(0)`
+# because the 5xx series only exists once a 5xx has happened. "$job" becomes the
+# service's Prometheus job: its `prometheus_job`, or else its name.
+DEFAULT_ERROR_RATE_QUERY = (
+    '(sum(rate(fraiseql_http_requests_total{job="$job",status=~"5.."}[1m])) or vector(0))'
+    ' / sum(rate(fraiseql_http_requests_total{job="$job"}[1m]))'
+)
+
+
+class PrometheusConfig(BaseModel):
+    """`[prometheus]`: where the Prometheus HTTP API answers."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    url: str = Field(description="e.g. http://127.0.0.1:9090")
+    timeout: float = Field(5.0, gt=0, description="seconds for each query")
+
+    @field_validator("url")
+    @classmethod
+    def _http(cls, url: str) -> str:
+        if not url.startswith(("http://", "https://")):
+            raise ValueError("must start with http:// or https://")
+        return url.rstrip("/")
+
+
+class MetricsUnavailable(RunbookError):
+    """Prometheus could not answer a query: unreachable, bad PromQL, or no data."""
+
+
+def query_value(prom: PrometheusConfig, promql: str) -> float | None:
+    """The one number an instant query returns; None when it is NaN (e.g. 0/0: no
+    traffic). A query that returns no series or several is an error: it cannot be
+    compared with a threshold."""
+    try:
+        response = httpx.get(f"{prom.url}/api/v1/query", params={"query": promql}, timeout=prom.timeout)
+    except httpx.TimeoutException:
+        raise MetricsUnavailable(f"Prometheus at {prom.url} did not answer within {prom.timeout:g}s") from None
+    except httpx.HTTPError as exc:
+        raise MetricsUnavailable(f"Prometheus at {prom.url} is unreachable: {exc}") from None
+    try:
+        body = response.json()
+    except ValueError:
+        raise MetricsUnavailable(f"Prometheus at {prom.url} answered HTTP {response.status_code} "
+                                 "without JSON (is that URL Prometheus?)") from None
+    if body.get("status") != "success":
+        raise MetricsUnavailable(f"Prometheus rejected the query {promql!r}: "
+                                 f"{body.get('errorType', 'error')}: {body.get('error', response.status_code)}")
+    data = body.get("data") or {}
+    result = data.get("result")
+    if data.get("resultType") == "scalar":
+        value = result[1]
+    elif data.get("resultType") == "vector" and isinstance(result, list) and len(result) == 1:
+        value = result[0]["value"][1]
+    elif data.get("resultType") == "vector" and not result:
+        raise MetricsUnavailable(f"the query {promql!r} returned no data (is the service scraped, "
+                                 "under that job name?)")
+    else:
+        count = len(result) if isinstance(result, list) else "?"
+        raise MetricsUnavailable(f"the query {promql!r} returned {count} series of type "
+                                 f"{data.get('resultType')}; it must return one number (use sum())")
+    number = float(value)
+    return None if math.isnan(number) else number
+
+
+@dataclass
+class ErrorRate:
+    """The service's error rate in Prometheus, against its threshold."""
+
+    prom: PrometheusConfig
+    promql: str
+    threshold: float
+
+    def read(self) -> float | None:
+        """The ratio now; None when there was no traffic to measure (0/0)."""
+        return query_value(self.prom, self.promql)
+
+    def too_high(self, rate: float | None) -> bool:
+        return rate is not None and rate > self.threshold
+
+    def describe(self, rate: float | None) -> str:
+        return f"{percent(rate)} (threshold {self.threshold:.2%})"
+
+
+def percent(rate: float | None) -> str:
+    return "no traffic" if rate is None else f"{rate:.2%}"
