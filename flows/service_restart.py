@@ -70,28 +70,14 @@ def service_restart(service: str, force: bool = False, ready_deadline_seconds: f
         # probes again once it gets the slot, and finds the service healthy.
         try:
             with run.step("confirm the problem") as step:
-                before = [probe(cfg.base_url, kind, cfg.probe_timeout) for kind in ProbeKind]
-                sick = [f"/{p.kind.value}: {p.reason}" for p in before if not p.ok]
-                rate_before = None
-                if errors:
-                    try:
-                        rate_before = errors.read()
-                    except MetricsUnavailable as exc:  # the probes still decide
-                        run.figure("Before: error rate", f"unknown: {exc}")
-                    else:
-                        run.figure("Before: error rate", errors.describe(rate_before))
-                        if errors.too_high(rate_before):
-                            sick.append(f"error rate {errors.describe(rate_before)}")
-                step.detail = "; ".join(sick) or ("all probes pass" + (", error rate under its threshold"
-                                                                       if rate_before is not None else ""))
-            for p in before:
-                run.figure(f"Before: /{p.kind.value}", "ok" if p.ok else p.reason)
+                before, sick, rate_before = _confirm(cfg.base_url, cfg.probe_timeout, errors, run)
+                healthy = "all probes pass" + (", error rate under its threshold" if rate_before is not None else "")
+                step.detail = "; ".join(sick) or healthy
             if not sick and not force:
                 run.outcome = "not restarted (healthy)"
-                why = "healthy: all probes pass" + (", error rate under its threshold" if rate_before is not None else "")
-                print(f"{service} is {why}; not restarting it (use force to restart anyway)")
-                return RestartResult(service=service, restarted=False, why=why, probes_before=before,
-                                     error_rate_before=rate_before)
+                print(f"{service} is healthy: {healthy}; not restarting it (use force to restart anyway)")
+                return RestartResult(service=service, restarted=False, why=f"healthy: {healthy}",
+                                     probes_before=before, error_rate_before=rate_before)
             why = "; ".join(sick) if sick else "forced while healthy"
             with run.step("collect recent logs") as step:
                 logs = _logs(controller)
@@ -131,6 +117,27 @@ def service_restart(service: str, force: bool = False, ready_deadline_seconds: f
         except Exception as exc:
             announce(settings, run, Severity.CRITICAL, f"Restart of {service} did not bring it back.", failed=exc)
             raise
+
+
+def _confirm(base_url: str, timeout: float, errors: ErrorRate | None,
+             run: RunReport) -> tuple[list[ProbeResult], list[str], float | None]:
+    """Probe all three endpoints and read the error rate: what is wrong, if anything.
+    An unreadable error rate is noted, not held against the service: the probes decide."""
+    before = [probe(base_url, kind, timeout) for kind in ProbeKind]
+    sick = [f"/{p.kind.value}: {p.reason}" for p in before if not p.ok]
+    for p in before:
+        run.figure(f"Before: /{p.kind.value}", "ok" if p.ok else p.reason)
+    rate = None
+    if errors:
+        try:
+            rate = errors.read()
+        except MetricsUnavailable as exc:
+            run.figure("Before: error rate", f"unknown: {first_line(exc)}")
+        else:
+            run.figure("Before: error rate", errors.describe(rate))
+            if errors.too_high(rate):
+                sick.append(f"error rate {errors.describe(rate)}")
+    return before, sick, rate
 
 
 def _logs(controller: Controller) -> list[str]:
