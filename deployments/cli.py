@@ -70,22 +70,23 @@ def config_check() -> None:
         except Exception as exc:  # noqa: BLE001
             failed += 1
             out.print(f"store {name}: [red]FAILED[/red] {first_line(exc)}")
+    prometheus_ok = settings.prometheus is not None
     if settings.prometheus:
         try:
             query_value(settings.prometheus, "vector(1)")
             out.print(f"prometheus: ok ({settings.prometheus.url})")
-        except Exception as exc:  # noqa: BLE001
-            failed += 1
+        except MetricsUnavailable as exc:
+            failed, prometheus_ok = failed + 1, False
             out.print(f"prometheus: [red]FAILED[/red] {first_line(exc)}")
     for name in sorted(settings.services):
-        failed += not _check_service(settings, name)
+        failed += not _check_service(settings, name, prometheus_ok)
     if failed:
         raise typer.Exit(1)
 
 
-def _check_service(settings: Settings, name: str) -> bool:
+def _check_service(settings: Settings, name: str, prometheus_ok: bool) -> bool:
     """One line: its controller answers (tool present, API allowed), its probes pass and,
-    with Prometheus, its error-rate query returns a number under the threshold."""
+    with a working Prometheus, its error-rate query returns a number under the threshold."""
     cfg = settings.service(name)
     try:
         state = settings.controller(name).status().detail
@@ -95,7 +96,9 @@ def _check_service(settings: Settings, name: str) -> bool:
     problems = [f"/{p.kind.value}: {p.reason}" for p in (probe(cfg.base_url, kind, cfg.probe_timeout)
                                                           for kind in ProbeKind) if not p.ok]
     errors = settings.error_rate(name)
-    if errors:
+    if errors and not prometheus_ok:
+        state += "; error rate not read (Prometheus failed)"
+    elif errors:
         try:
             rate = errors.read()
             state += f"; error rate {errors.describe(rate)}"

@@ -57,7 +57,10 @@ def health_check(metrics_file: str | None = None) -> HealthCheckResult:
             print(f"{name}: {step.detail}")
         result = HealthCheckResult(services=found)
         if metrics_file:
-            write_metrics(Path(metrics_file), result)
+            try:
+                write_metrics(Path(metrics_file), result)
+            except OSError as exc:
+                raise RunbookError(f"cannot write the metrics file {metrics_file}: {exc.strerror}") from None
         sick = [s.service for s in found if not s.healthy]
         run.figure("Services", f"{len(found) - len(sick)}/{len(found)} healthy")
         if sick:

@@ -70,8 +70,8 @@ def service_restart(service: str, force: bool = False, ready_deadline_seconds: f
         # probes again once it gets the slot, and finds the service healthy.
         try:
             with run.step("confirm the problem") as step:
-                before, sick, rate_before = _confirm(cfg.base_url, cfg.probe_timeout, errors, run)
-                healthy = "all probes pass" + (", error rate under its threshold" if rate_before is not None else "")
+                before, sick, rate_before, rate_note = _confirm(cfg.base_url, cfg.probe_timeout, errors, run)
+                healthy = "all probes pass" + (f", error rate {rate_note}" if rate_note else "")
                 step.detail = "; ".join(sick) or healthy
             if not sick and not force:
                 run.outcome = "not restarted (healthy)"
@@ -86,7 +86,8 @@ def service_restart(service: str, force: bool = False, ready_deadline_seconds: f
             if dry_run:
                 run.outcome = "planned (dry run)"
                 print(f"Plan: restart {service} ({why}), wait up to {deadline:g}s for /ready, watch {watch:g}s")
-                return RestartResult(service=service, restarted=False, dry_run=True, why=why, probes_before=before)
+                return RestartResult(service=service, restarted=False, dry_run=True, why=why, probes_before=before,
+                                     error_rate_before=rate_before)
             announce(settings, run, Severity.HIGH, f"Restarting {service}: {why}.")
             t0 = time.monotonic()
             with run.step("restart") as step:
@@ -120,24 +121,25 @@ def service_restart(service: str, force: bool = False, ready_deadline_seconds: f
 
 
 def _confirm(base_url: str, timeout: float, errors: ErrorRate | None,
-             run: RunReport) -> tuple[list[ProbeResult], list[str], float | None]:
-    """Probe all three endpoints and read the error rate: what is wrong, if anything.
-    An unreadable error rate is noted, not held against the service: the probes decide."""
+             run: RunReport) -> tuple[list[ProbeResult], list[str], float | None, str | None]:
+    """Probe all three endpoints and read the error rate: what is wrong, if anything, and
+    what the error rate said. An unreadable error rate is noted, not held against the
+    service: the probes decide."""
     before = [probe(base_url, kind, timeout) for kind in ProbeKind]
     sick = [f"/{p.kind.value}: {p.reason}" for p in before if not p.ok]
     for p in before:
         run.figure(f"Before: /{p.kind.value}", "ok" if p.ok else p.reason)
-    rate = None
+    rate, note = None, None
     if errors:
         try:
             rate = errors.read()
+            note = errors.describe(rate)
         except MetricsUnavailable as exc:
-            run.figure("Before: error rate", f"unknown: {first_line(exc)}")
-        else:
-            run.figure("Before: error rate", errors.describe(rate))
-            if errors.too_high(rate):
-                sick.append(f"error rate {errors.describe(rate)}")
-    return before, sick, rate
+            note = f"unknown: {first_line(exc)}"
+        run.figure("Before: error rate", note)
+        if errors.too_high(rate):
+            sick.append(f"error rate {note}")
+    return before, sick, rate, note
 
 
 def _logs(controller: Controller) -> list[str]:
@@ -169,6 +171,7 @@ def _watch(base_url: str, seconds: float, timeout: float, errors: ErrorRate | No
                 readings.append(f"{now - start:.0f}s {percent(errors.read())}")
             except MetricsUnavailable as exc:  # one missed reading is not a verdict; the last one is
                 readings.append(f"{now - start:.0f}s unknown ({first_line(exc)})")
+            run.figure("Error rate while watching", ", ".join(readings))  # kept if a later step fails
         if now >= end:
             break
         time.sleep(min(1.0, max(end - now, 0)))

@@ -42,6 +42,8 @@ class PrometheusConfig(BaseModel):
     def _http(cls, url: str) -> str:
         if not url.startswith(("http://", "https://")):
             raise ValueError("must start with http:// or https://")
+        if httpx.URL(url).userinfo:  # it would show in every message that names the URL
+            raise ValueError("must not hold a user or password (authentication is not supported)")
         return url.rstrip("/")
 
 
@@ -62,25 +64,27 @@ def query_value(prom: PrometheusConfig, promql: str) -> float | None:
     try:
         body = response.json()
     except ValueError:
+        body = None
+    if not isinstance(body, dict) or body.get("status") not in ("success", "error"):
         raise MetricsUnavailable(f"Prometheus at {prom.url} answered HTTP {response.status_code} "
-                                 "without JSON (is that URL Prometheus?)") from None
-    if body.get("status") != "success":
+                                 "with something else than its API's JSON (is that URL Prometheus?)")
+    if body["status"] == "error":
         raise MetricsUnavailable(f"Prometheus rejected the query {promql!r}: "
                                  f"{body.get('errorType', 'error')}: {body.get('error', response.status_code)}")
-    data = body.get("data") or {}
-    result = data.get("result")
-    if data.get("resultType") == "scalar":
-        value = result[1]
-    elif data.get("resultType") == "vector" and isinstance(result, list) and len(result) == 1:
-        value = result[0]["value"][1]
-    elif data.get("resultType") == "vector" and not result:
+    data = body.get("data") if isinstance(body.get("data"), dict) else {}
+    kind, result = data.get("resultType"), data.get("result")
+    if kind == "vector" and result == []:
         raise MetricsUnavailable(f"the query {promql!r} returned no data (is the service scraped, "
                                  "under that job name?)")
-    else:
-        count = len(result) if isinstance(result, list) else "?"
-        raise MetricsUnavailable(f"the query {promql!r} returned {count} series of type "
-                                 f"{data.get('resultType')}; it must return one number (use sum())")
-    number = float(value)
+    if kind == "vector" and isinstance(result, list) and len(result) > 1:
+        raise MetricsUnavailable(f"the query {promql!r} returned {len(result)} series; it must return "
+                                 "one number (use sum())")
+    try:
+        sample = result if kind == "scalar" else result[0]["value"] if kind == "vector" else None
+        number = float(sample[1])  # [timestamp, "value"]
+    except (TypeError, KeyError, IndexError, ValueError):
+        raise MetricsUnavailable(f"the query {promql!r} returned a {kind or 'malformed'} result, "
+                                 "not one number") from None
     return None if math.isnan(number) else number
 
 
@@ -94,7 +98,11 @@ class ErrorRate:
 
     def read(self) -> float | None:
         """The ratio now; None when there was no traffic to measure (0/0)."""
-        return query_value(self.prom, self.promql)
+        rate = query_value(self.prom, self.promql)
+        if rate is not None and not 0 <= rate <= 1:
+            raise MetricsUnavailable(f"the error-rate query {self.promql!r} returned {rate}; "
+                                     "it must give a share from 0 to 1")
+        return rate
 
     def too_high(self, rate: float | None) -> bool:
         return rate is not None and rate > self.threshold

@@ -391,7 +391,8 @@ class ServiceConfig(BaseModel):
     database: str | None = Field(None, description="the [databases.<name>] it uses")
     probe_timeout: float = Field(2.0, gt=0)
     ready_deadline_seconds: float = Field(120, gt=0, description="restart -> ready")
-    watch_seconds: float = Field(60, ge=0, description="how long /health must stay green after")
+    watch_seconds: float = Field(120, ge=0, description="how long /health must stay green after; the "
+                                 "reference wants the error rate back to baseline within 2 minutes")
     prometheus_job: str | None = Field(None, description="its job label in Prometheus; default: its name")
     error_rate_query: str = Field(DEFAULT_ERROR_RATE_QUERY, description="PromQL for its share of failed "
                                   "requests (0..1); $job stands for its job")

@@ -101,6 +101,11 @@ controller = {{ kind = "process", command = ["true"], pid_file = "{tmp_path}/dow
 [services.web]
 base_url = "http://127.0.0.1:{free_port()}"
 controller = {{ kind = "systemd", unit = "web.service" }}
+[services.busy]
+base_url = "http://127.0.0.1:{port}"
+prometheus_job = "api"
+error_rate_query = 'vector(0.5)'
+controller = {{ kind = "process", command = ["true"], pid_file = "{tmp_path}/busy.pid", log_file = "{tmp_path}/busy.log" }}
 """)
     settings = load_settings()
     api = settings.controller("api")
@@ -116,6 +121,8 @@ controller = {{ kind = "systemd", unit = "web.service" }}
             except MetricsUnavailable:
                 pass
             time.sleep(0.2)
+        else:
+            raise AssertionError("Prometheus never had a rate for the api service")
         (tmp_path / "bin").mkdir()
         monkeypatch.setenv("PATH", str(tmp_path / "bin"))  # no systemctl
         result = runner.invoke(app, ["config", "check"])
@@ -131,3 +138,23 @@ controller = {{ kind = "systemd", unit = "web.service" }}
     assert 'error rate unknown: the query \'(sum(rate(fraiseql_http_requests_total{job="down"' in down
     assert "service web: FAILED service 'web': systemctl not found on this machine (its controller needs it)" \
         in lines
+    assert "service busy: UNHEALTHY error rate over its threshold (not running; error rate 50.00% " \
+        "(threshold 0.10%))" in lines
+
+
+def test_config_check_with_prometheus_down_does_not_blame_the_services(tmp_path, write_config):
+    gone = f"http://127.0.0.1:{free_port()}"
+    write_config(f"""
+[prometheus]
+url = "{gone}"
+[services.down]
+base_url = "http://127.0.0.1:{free_port()}"
+probe_timeout = 1
+controller = {{ kind = "process", command = ["true"], pid_file = "{tmp_path}/down.pid", log_file = "{tmp_path}/down.log" }}
+""")
+    result = runner.invoke(app, ["config", "check"])
+    lines = result.output.splitlines()
+    assert result.exit_code == 1, result.output
+    assert any(ln.startswith(f"prometheus: FAILED Prometheus at {gone} is unreachable") for ln in lines)
+    down = next(ln for ln in lines if ln.startswith("service down: "))
+    assert down.endswith("(not running; error rate not read (Prometheus failed))") and "query" not in down

@@ -36,3 +36,8 @@ def test_backup_form_is_small_and_typed():
     assert set(props) == {"database", "dry_run"}
     assert props["database"]["type"] == "string"
     assert props["dry_run"]["type"] == "boolean" and props["dry_run"]["default"] is False
+
+
+def test_health_check_deployment_writes_the_metrics_file():
+    d = {d.name: d for d in load_deployments()}["health-check"]
+    assert d.parameters == {"metrics_file": "metrics/runbooks.prom"}

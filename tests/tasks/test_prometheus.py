@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import threading
+import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 from pydantic import ValidationError
 
-from tasks.prometheus import MetricsUnavailable, PrometheusConfig, query_value
+from tasks.prometheus import ErrorRate, MetricsUnavailable, PrometheusConfig, query_value
 from tests.conftest import free_port
 
 
@@ -27,36 +28,79 @@ def test_no_data_several_series_and_bad_promql_are_clear_errors(prom):
     with pytest.raises(MetricsUnavailable, match="returned no data"):
         query_value(prom, 'up{job="no-such-job"}')
     two = 'label_replace(vector(1), "a", "x", "", "") or label_replace(vector(2), "a", "y", "", "")'
-    with pytest.raises(MetricsUnavailable, match="returned 2 series of type vector; it must return one number"):
+    with pytest.raises(MetricsUnavailable, match="returned 2 series; it must return one number"):
         query_value(prom, two)
     with pytest.raises(MetricsUnavailable, match=r"rejected the query 'rate\(x\[': bad_data"):
         query_value(prom, "rate(x[")
 
 
-def test_unreachable_and_not_prometheus():
-    gone = PrometheusConfig(url=f"http://127.0.0.1:{free_port()}", timeout=1)
-    with pytest.raises(MetricsUnavailable, match=f"Prometheus at {gone.url} is unreachable"):
-        query_value(gone, "vector(1)")
+@pytest.fixture
+def standin():
+    """Factory: an HTTP server on loopback answering every GET with (status, body), after
+    `delay` seconds: for answers a real Prometheus does not give."""
+    servers = []
 
-    class Html(BaseHTTPRequestHandler):
-        def do_GET(self) -> None:  # noqa: N802
-            self.send_response(404)
-            self.end_headers()
-            self.wfile.write(b"<html>not here</html>")
+    def start(status: int, body: bytes, delay: float = 0) -> PrometheusConfig:
+        class Handler(BaseHTTPRequestHandler):
+            def do_GET(self) -> None:  # noqa: N802
+                time.sleep(delay)
+                self.send_response(status)
+                self.end_headers()
+                self.wfile.write(body)
 
-        def log_message(self, *args: object) -> None:
-            pass
+            def log_message(self, *args: object) -> None:
+                pass
 
-    server = ThreadingHTTPServer(("127.0.0.1", 0), Html)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    try:
-        other = PrometheusConfig(url=f"http://127.0.0.1:{server.server_port}/")
-        with pytest.raises(MetricsUnavailable, match="answered HTTP 404 without JSON"):
-            query_value(other, "vector(1)")
-    finally:
+        server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        threading.Thread(target=server.serve_forever, daemon=True).start()
+        servers.append(server)
+        return PrometheusConfig(url=f"http://127.0.0.1:{server.server_port}/", timeout=1)
+
+    yield start
+    for server in servers:
         server.shutdown()
 
 
-def test_url_must_be_http():
+def test_unreachable_slow_and_not_prometheus(standin):
+    gone = PrometheusConfig(url=f"http://127.0.0.1:{free_port()}", timeout=1)
+    with pytest.raises(MetricsUnavailable, match=f"Prometheus at {gone.url} is unreachable"):
+        query_value(gone, "vector(1)")
+    slow = standin(200, b'{"status": "success"}', delay=2)
+    with pytest.raises(MetricsUnavailable, match=f"Prometheus at {slow.url} did not answer within 1s"):
+        query_value(slow, "vector(1)")
+    for status, body in [(404, b"<html>not here</html>"), (404, b'{"detail": "Not Found"}'), (200, b"[1, 2]")]:
+        with pytest.raises(MetricsUnavailable, match=f"answered HTTP {status} with something else than its "
+                                                     r"API's JSON \(is that URL Prometheus\?\)"):
+            query_value(standin(status, body), "vector(1)")
+
+
+@pytest.mark.parametrize("data", [
+    b'{"resultType": "vector", "result": [{"metric": {}}]}',
+    b'{"resultType": "vector", "result": [{"metric": {}, "value": [1, "many"]}]}',
+    b'{"resultType": "matrix", "result": [{"metric": {}, "values": [[1, "1"]]}]}',
+    b'{"resultType": "scalar"}',
+    b'"nonsense"',
+])
+def test_a_malformed_success_is_an_error_not_a_crash(standin, data):
+    prom = standin(200, b'{"status": "success", "data": ' + data + b"}")
+    with pytest.raises(MetricsUnavailable, match="result, not one number"):
+        query_value(prom, "vector(1)")
+
+
+def test_an_error_rate_must_be_a_share(prom):
+    assert ErrorRate(prom, "vector(0.5)", 0.001).read() == 0.5
+    for promql in ("vector(2)", "vector(-0.1)", "vector(1) / vector(0)"):
+        with pytest.raises(MetricsUnavailable, match="it must give a share from 0 to 1"):
+            ErrorRate(prom, promql, 0.001).read()
+
+
+def test_url_must_be_http_without_credentials(write_config):
+    from tasks.config import load_settings
+    from tasks.errors import ConfigError
+
     with pytest.raises(ValidationError, match="must start with http"):
         PrometheusConfig(url="127.0.0.1:9090")
+    write_config('[prometheus]\nurl = "http://admin:s3cret-pw@127.0.0.1:9090"\n')
+    with pytest.raises(ConfigError, match="prometheus.url: must not hold a user or password") as err:
+        load_settings()
+    assert "s3cret-pw" not in str(err.value)
