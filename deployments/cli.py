@@ -18,7 +18,7 @@ from rich.table import Table  # noqa: E402
 
 from tasks import backups, postgres  # noqa: E402
 from tasks.config import Settings, config_path, load_settings  # noqa: E402
-from tasks.probes import ProbeKind, probe  # noqa: E402
+from tasks.probes import failures, probe_all  # noqa: E402
 from tasks.prometheus import MetricsUnavailable, query_value  # noqa: E402
 from tasks.errors import RunbookError  # noqa: E402
 from tasks.report import first_line, human_bytes  # noqa: E402
@@ -93,8 +93,7 @@ def _check_service(settings: Settings, name: str, prometheus_ok: bool) -> bool:
     except Exception as exc:  # noqa: BLE001
         out.print(f"service {name}: [red]FAILED[/red] {first_line(exc)}")
         return False
-    problems = [f"/{p.kind.value}: {p.reason}" for p in (probe(cfg.base_url, kind, cfg.probe_timeout)
-                                                          for kind in ProbeKind) if not p.ok]
+    problems = failures(probe_all(cfg.base_url, cfg.probe_timeout))
     errors = settings.error_rate(name)
     if errors and not prometheus_ok:
         state += "; error rate not read (Prometheus failed)"

@@ -10,7 +10,7 @@ from pydantic import BaseModel
 
 from tasks.config import load_settings
 from tasks.errors import RunbookError
-from tasks.probes import ProbeKind, ProbeResult, probe
+from tasks.probes import ProbeResult, failures, probe_all
 from tasks.report import RunReport
 
 
@@ -48,10 +48,9 @@ def health_check(metrics_file: str | None = None) -> HealthCheckResult:
         for name in sorted(settings.services):
             cfg = settings.service(name)
             with run.step(name) as step:
-                probes = [probe(cfg.base_url, kind, cfg.probe_timeout) for kind in ProbeKind]
+                probes = probe_all(cfg.base_url, cfg.probe_timeout)
                 healthy = all(p.ok for p in probes)
-                step.detail = "healthy" if healthy else "; ".join(
-                    f"/{p.kind.value}: {p.reason}" for p in probes if not p.ok)
+                step.detail = "; ".join(failures(probes)) or "healthy"
                 step.outcome = "ok" if healthy else "failed"
             found.append(ServiceHealth(service=name, healthy=healthy, probes=probes))
             print(f"{name}: {step.detail}")

@@ -80,6 +80,16 @@ def probe(base_url: str, kind: ProbeKind, timeout: float = 2.0) -> ProbeResult:
     return result(healthy, status_code=response.status_code, reason=reason, body=body)
 
 
+def probe_all(base_url: str, timeout: float) -> list[ProbeResult]:
+    """/health, /ready and /live, one after the other."""
+    return [probe(base_url, kind, timeout) for kind in ProbeKind]
+
+
+def failures(results: list[ProbeResult]) -> list[str]:
+    """What failed, as `/<probe>: <reason>` (empty when all passed)."""
+    return [f"/{p.kind.value}: {p.reason}" for p in results if not p.ok]
+
+
 def wait_until_ready(base_url: str, deadline_seconds: float, interval: float = 1.0,
                      timeout: float = 2.0) -> ProbeResult:
     """Poll /ready until it passes; past the deadline, fail with the last thing it said."""
