@@ -2,7 +2,6 @@
 Prefect is imported: no telemetry, and no server log noise ("database is locked",
 CancelledError tracebacks from the temporary server's shutdown) in a terminal."""
 
-import logging
 import os
 from pathlib import Path
 
@@ -26,36 +25,9 @@ def quiet_prefect() -> None:
             os.environ["XDG_RUNTIME_DIR"] = str(runtime)
 
 
-_CHATTER = ("Starting temporary server", "Stopping temporary server", "Still processing items")
-
-
-class _TidyLogs:
-    """Drops the temporary server's start/stop notices, and the traceback under a
-    failure we raised on purpose (its one-line message says what to fix). Every flow
-    and task log line stays."""
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        if str(record.msg).startswith(_CHATTER):
-            return False
-        exc = record.exc_info[1] if record.exc_info else None
-        if exc is not None and _is_operator_error(exc):
-            record.exc_info, record.exc_text = None, None
-            text = (str(exc).strip().splitlines() or [""])[0]
-            if text and text not in record.getMessage():
-                record.msg, record.args = f"{record.getMessage()}: {type(exc).__name__}: {text}", None
-        return True
-
-
-def _is_operator_error(exc: BaseException) -> bool:
-    from tasks.errors import DatabaseUnavailable, RunbookError, TransientStoreError
-
-    return isinstance(exc, (RunbookError, TransientStoreError, DatabaseUnavailable))
-
-
 def tidy_prefect_logs() -> None:
-    """Call after Prefect has configured logging (importing prefect.main does)."""
-    import prefect.main  # noqa: F401 - configures Prefect's console handler
+    """Call after Prefect has configured logging (importing prefect.main does); see
+    flows/_common.py, which does it for every process that runs a flow."""
+    from flows._common import tidy_logs
 
-    for handler in logging.getLogger().handlers:
-        if not any(isinstance(f, _TidyLogs) for f in handler.filters):
-            handler.addFilter(_TidyLogs())
+    tidy_logs()

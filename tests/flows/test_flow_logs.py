@@ -1,0 +1,42 @@
+"""Failures we raise on purpose are logged as one line, without a traceback, in every
+process that runs a flow (the runner's child processes import flows/_common.py)."""
+
+from __future__ import annotations
+
+import logging
+import sys
+
+from flows._common import _TidyLogs
+from tasks.errors import BackupNotFound
+
+
+def _record(msg: str, exc: BaseException) -> logging.LogRecord:
+    try:
+        raise exc
+    except BaseException:
+        return logging.LogRecord("prefect.flow_runs", logging.ERROR, __file__, 1, msg, None, sys.exc_info())
+
+
+def test_prefects_console_and_run_log_handlers_are_filtered():
+    from prefect.logging.handlers import APILogHandler, PrefectConsoleHandler
+
+    handlers = [h for name in ("", "prefect.flow_runs", "prefect.task_runs") for h in logging.getLogger(name).handlers
+                if isinstance(h, (APILogHandler, PrefectConsoleHandler))]
+    assert {type(h) for h in handlers} == {APILogHandler, PrefectConsoleHandler}
+    assert all(any(isinstance(f, _TidyLogs) for f in h.filters) for h in handlers)
+
+
+def test_an_operator_error_loses_its_traceback_and_its_repeat():
+    tidy = _TidyLogs()
+    record = _record("Encountered exception during execution", BackupNotFound("no backups of database 'orders'"))
+    assert tidy.filter(record) and record.exc_info is None
+    assert record.getMessage() == ("Encountered exception during execution: BackupNotFound: "
+                                   "no backups of database 'orders'")
+    assert not tidy.filter(_record("Engine execution exited with unexpected exception", BackupNotFound("x")))
+
+
+def test_a_bug_keeps_its_traceback():
+    tidy = _TidyLogs()
+    for msg in ("Encountered exception during execution", "Engine execution exited with unexpected exception"):
+        record = _record(msg, ZeroDivisionError("division by zero"))
+        assert tidy.filter(record) and record.exc_info is not None and record.getMessage() == msg
