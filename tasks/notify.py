@@ -24,15 +24,13 @@ import re
 from enum import Enum
 from typing import Any
 
-from prefect import task
-from prefect.cache_policies import NO_CACHE
 from prefect.exceptions import MissingContextError
 from prefect.logging import get_run_logger
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator
 from slack_sdk import WebClient
 from slack_sdk.errors import SlackApiError
 
-__all__ = ["NotifySettings", "Notification", "Severity", "send", "notify_task"]
+__all__ = ["NotifySettings", "Notification", "Severity", "send"]
 
 LOGGER_NAME = "runbooks.notify"
 
@@ -136,14 +134,6 @@ def send(settings: NotifySettings, note: Notification) -> list[str]:
         if _send_slack(settings, note, token, log):
             delivered.append("slack")
     return delivered
-
-
-notify_task = task(name="notify", retries=0, cache_policy=NO_CACHE)(send)
-"""`send` as a Prefect task, so a flow shows the notification as its own step.
-
-No retries (Slack failures are already absorbed) and no caching (the same
-note sent twice must be sent twice; and settings hold a secret).
-"""
 
 
 # --------------------------------------------------------------------------- helpers

@@ -14,11 +14,9 @@ import time
 from typing import Any
 
 import pytest
-from prefect import Task
-from prefect.cache_policies import NO_CACHE
 from pydantic import ValidationError
 
-from tasks.notify import Notification, NotifySettings, Severity, notify_task, send
+from tasks.notify import Notification, NotifySettings, Severity, send
 
 from tests.slack_standin import SlackStandIn
 
@@ -210,11 +208,3 @@ def test_settings_defaults_and_secret_hidden(token: str) -> None:
         True, None, "#ops-alerts", "https://slack.com/api/", 10.0)
     settings = NotifySettings(slack_token=token)
     assert token not in repr(settings) and token not in str(settings.model_dump())
-
-
-def test_notify_task_is_a_prefect_task_wrapping_send() -> None:
-    assert isinstance(notify_task, Task)
-    assert notify_task.fn is send
-    assert notify_task.name == "notify"
-    assert notify_task.retries == 0
-    assert notify_task.cache_policy is NO_CACHE
