@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from datetime import datetime, timezone
 
 from prefect import flow, task
 from prefect.cache_policies import NO_CACHE
@@ -16,9 +17,10 @@ from tasks.notify import Severity
 from tasks.probes import ProbeKind, ProbeResult, ServiceNotReady, failures, probe, probe_all, wait_until_ready
 from tasks.prometheus import ErrorRate, MetricsUnavailable, percent
 from tasks.report import RunReport, first_line
-from tasks.service import Controller, ServiceError, ServiceStatus
+from tasks.service import Controller, ServiceConfig, ServiceError, ServiceStatus
 
 READING_INTERVAL = 5.0  # seconds between error-rate readings while watching
+LOG_LINES = 1000  # lines since the restart searched for errors
 
 
 class RestartResult(BaseModel):
@@ -53,7 +55,8 @@ def service_restart(service: str, force: bool = False, ready_deadline_seconds: f
       3. restart it through its controller;
       4. wait until /ready passes (deadline: `ready_deadline_seconds`, default from config);
       5. watch /health stay green for `watch_seconds`; then, where Prometheus is
-         configured, the error rate must be back under its threshold.
+         configured, the error rate must be back under its threshold;
+      6. check that its logs since the restart show no errors (`log_error_pattern`).
     One run per service at a time, confirmation included. `dry_run` confirms and plans,
     restarting nothing.
     A service that never becomes ready fails the run with its logs and a CRITICAL notice.
@@ -89,7 +92,7 @@ def service_restart(service: str, force: bool = False, ready_deadline_seconds: f
                 return RestartResult(service=service, restarted=False, dry_run=True, why=why, probes_before=before,
                                      error_rate_before=rate_before)
             announce(settings, run, Severity.HIGH, f"Restarting {service}: {why}.")
-            t0 = time.monotonic()
+            t0, restarted_at = time.monotonic(), datetime.now(timezone.utc)
             with run.step("restart") as step:
                 step.detail = restart_service(controller).detail
             with run.step("wait until ready") as step:
@@ -106,14 +109,22 @@ def service_restart(service: str, force: bool = False, ready_deadline_seconds: f
                                "error rate not checked (no [prometheus] configured)"))
             healthy_after = time.monotonic() - t0
             run.figure("Time to healthy", f"{healthy_after:.1f} s")
+            if cfg.log_error_pattern:
+                with run.step("check the logs since the restart") as step:
+                    step.detail = _check_logs(controller, cfg, restarted_at, run)
+            else:
+                run.skip("check the logs since the restart", "log_error_pattern is empty")
             run.outcome = "recovered"
             announce(settings, run, Severity.INFO, f"{service} recovered in {healthy_after:.1f} s.")
             return RestartResult(service=service, restarted=True, why=why, seconds_to_ready=ready_after,
                                  seconds_to_healthy=healthy_after, probes_before=before,
                                  error_rate_before=rate_before, error_rate_after=rate_after)
-        except MetricsUnavailable as exc:
+        except (MetricsUnavailable, NotProven) as exc:
+            but = ("its error rate could not be checked" if isinstance(exc, MetricsUnavailable) else
+                   "its logs show errors since the restart" if isinstance(exc, ErrorsInLogs) else
+                   "its logs since the restart could not be read")
             announce(settings, run, Severity.HIGH, f"{service} was restarted and /health stayed green, "
-                     "but its error rate could not be checked.", failed=exc)
+                     f"but {but}.", failed=exc)
             raise
         except Exception as exc:
             announce(settings, run, Severity.CRITICAL, f"Restart of {service} did not bring it back.", failed=exc)
@@ -151,6 +162,29 @@ def _logs(controller: Controller) -> list[str]:
 
 class ErrorRateTooHigh(RunbookError):
     """The error rate stayed above its threshold after the restart."""
+
+
+class NotProven(RunbookError):
+    """The service is back and healthy, but a success criterion could not be met or checked."""
+
+
+class ErrorsInLogs(NotProven):
+    """The service logged errors after the restart."""
+
+
+def _check_logs(controller: Controller, cfg: ServiceConfig, since: datetime, run: RunReport) -> str:
+    """Reference success criterion "no new errors in logs": the lines it wrote since
+    the restart, against the service's `log_error_pattern`."""
+    try:
+        lines = controller.logs(LOG_LINES, since=since)
+    except ServiceError as exc:
+        raise NotProven(f"the logs since the restart could not be read: {exc}") from None
+    bad = cfg.error_lines(lines)
+    run.figure("Errors in logs since restart", f"{len(bad)} in {len(lines)} lines"
+               + (": " + " / ".join(bad[:5]) if bad else ""))
+    if bad:
+        raise ErrorsInLogs(f"{len(bad)} error lines in the logs since the restart; first: {bad[0]}")
+    return f"{len(lines)} lines, no errors"
 
 
 def _watch(base_url: str, seconds: float, timeout: float, errors: ErrorRate | None,

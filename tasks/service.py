@@ -14,6 +14,7 @@ Commands are argument lists and every call has a timeout.
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -25,10 +26,16 @@ from pathlib import Path
 from typing import Annotated, Literal, Union
 
 import httpx
-from pydantic import BaseModel, ConfigDict, Field, SecretStr
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator
 
 from tasks.errors import RunbookError
 from tasks.prometheus import DEFAULT_ERROR_RATE_QUERY
+
+
+# Reference runbook 1's success criterion "no new errors in logs": words that mark one.
+DEFAULT_LOG_ERROR_PATTERN = r"(?i)\b(error|critical|fatal|panic|traceback)\b"
+START_MARK = "--- runbooks: started at "  # + ISO time + " ---", in a process's log file
+SCAN_LINES = 20_000  # how far back a process log is searched for the newest start
 
 
 class ServiceError(RunbookError):
@@ -79,8 +86,8 @@ class Controller(ABC):
         """Run this many replicas."""
 
     @abstractmethod
-    def logs(self, lines: int = 100) -> list[str]:
-        """The last `lines` lines it wrote."""
+    def logs(self, lines: int = 100, since: datetime | None = None) -> list[str]:
+        """The last `lines` lines it wrote (only those since `since`, when given)."""
 
     def restart(self) -> ServiceStatus:
         self.stop()
@@ -139,6 +146,10 @@ class ProcessController(_OneInstance):
         cfg.pid_file.parent.mkdir(parents=True, exist_ok=True)
         try:
             with open(cfg.log_file, "ab") as log:
+                # The log has no timestamps of its own: this line tells this start's output apart.
+                now = datetime.now(timezone.utc).isoformat(timespec="microseconds")
+                log.write(f"{START_MARK}{now} ---\n".encode())
+                log.flush()
                 proc = subprocess.Popen(cfg.command, stdout=log, stderr=subprocess.STDOUT,
                                         stdin=subprocess.DEVNULL, cwd=cfg.workdir,
                                         env={**os.environ, **cfg.env}, start_new_session=True)
@@ -173,12 +184,20 @@ class ProcessController(_OneInstance):
         except ProcessLookupError:
             pass
 
-    def logs(self, lines: int = 100) -> list[str]:
+    def logs(self, lines: int = 100, since: datetime | None = None) -> list[str]:
+        """Without `since`: the last lines. With it: what the newest start since then
+        wrote (nothing if none started since)."""
         try:
             with open(self.config.log_file, errors="replace") as f:
-                return [line.rstrip("\n") for line in deque(f, maxlen=lines)]
+                tail = [line.rstrip("\n") for line in deque(f, maxlen=lines if since is None else SCAN_LINES)]
         except OSError:
             return []
+        if since is not None:
+            starts = [i for i, line in enumerate(tail) if line.startswith(START_MARK)]
+            if not starts or datetime.fromisoformat(tail[starts[-1]][len(START_MARK):-4]) < since:
+                return []
+            tail = tail[starts[-1] + 1:]
+        return [line for line in tail if not line.startswith(START_MARK)][-lines:]
 
 
 class SystemdControllerConfig(BaseModel):
@@ -247,10 +266,11 @@ class SystemdController(_OneInstance):
         self._ctl("restart", self.config.unit)
         return self.status()
 
-    def logs(self, lines: int = 100) -> list[str]:
-        out = _run(self.name, "journalctl", ["-u", self.config.unit, "-n", str(lines), "--no-pager", "-o", "cat"],
-                   self.config.timeout_seconds)
-        return out.splitlines()
+    def logs(self, lines: int = 100, since: datetime | None = None) -> list[str]:
+        args = ["-u", self.config.unit, "-n", str(lines), "--no-pager", "-o", "cat"]
+        if since is not None:
+            args.append(f"--since=@{int(since.timestamp())}")
+        return _run(self.name, "journalctl", args, self.config.timeout_seconds).splitlines()
 
 
 class DockerController(_OneInstance):
@@ -279,12 +299,13 @@ class DockerController(_OneInstance):
         self._docker("restart", "--time", str(self.config.grace_seconds), self.config.container)
         return self.status()
 
-    def logs(self, lines: int = 100) -> list[str]:
+    def logs(self, lines: int = 100, since: datetime | None = None) -> list[str]:
         path = shutil.which("docker")
         if path is None:
             raise ServiceError(f"service '{self.name}': docker not found on this machine (its controller needs it)")
         # docker logs writes the container's stderr to its own stderr: keep both, in order.
-        proc = subprocess.run([path, "logs", "--tail", str(lines), self.config.container],
+        window = [] if since is None else ["--since", str(int(since.timestamp()))]
+        proc = subprocess.run([path, "logs", "--tail", str(lines), *window, self.config.container],
                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                               timeout=self.config.timeout_seconds)
         if proc.returncode != 0:
@@ -363,7 +384,7 @@ class KubernetesController(Controller):
                    headers={"Content-Type": "application/strategic-merge-patch+json"})
         return self.status()
 
-    def logs(self, lines: int = 100) -> list[str]:
+    def logs(self, lines: int = 100, since: datetime | None = None) -> list[str]:
         labels = self._call("GET", self.path).json()["spec"]["selector"]["matchLabels"]
         selector = ",".join(f"{k}={v}" for k, v in sorted(labels.items()))
         pods = self._call("GET", f"/api/v1/namespaces/{self.config.namespace}/pods",
@@ -371,8 +392,11 @@ class KubernetesController(Controller):
         out: list[str] = []
         for pod in pods:
             pod_name = pod["metadata"]["name"]
+            params: dict[str, object] = {"tailLines": lines}
+            if since is not None:
+                params["sinceTime"] = since.astimezone(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
             text = self._call("GET", f"/api/v1/namespaces/{self.config.namespace}/pods/{pod_name}/log",
-                              params={"tailLines": lines}).text
+                              params=params).text
             out += [f"{pod_name}: {line}" for line in text.splitlines()]
         return out
 
@@ -399,8 +423,27 @@ class ServiceConfig(BaseModel):
     error_rate_threshold: float = Field(0.001, ge=0, le=1, description="0.1 %, the reference's error-rate "
                                         "SLO: above it the service is sick, and a restart must bring it under")
 
+    log_error_pattern: str = Field(DEFAULT_LOG_ERROR_PATTERN, description="a regular expression: a line "
+                                   "of its logs since a restart that matches is an error; empty: not checked")
+
+    @field_validator("log_error_pattern")
+    @classmethod
+    def _compiles(cls, pattern: str) -> str:
+        try:
+            re.compile(pattern)
+        except re.error as exc:
+            raise ValueError(f"not a valid regular expression: {exc}") from None
+        return pattern
+
     def error_rate_promql(self, name: str) -> str:
         return self.error_rate_query.replace("$job", self.prometheus_job or name)
+
+    def error_lines(self, lines: list[str]) -> list[str]:
+        """The lines that say something went wrong (none when the check is off)."""
+        if not self.log_error_pattern:
+            return []
+        pattern = re.compile(self.log_error_pattern)
+        return [line for line in lines if pattern.search(line)]
 
 
 def open_controller(name: str, config: ServiceConfig) -> Controller:

@@ -7,7 +7,7 @@ import sys
 import httpx
 import pytest
 
-from flows.service_restart import ErrorRateTooHigh, service_restart
+from flows.service_restart import ErrorRateTooHigh, ErrorsInLogs, service_restart
 from tasks.config import load_settings
 from tasks.errors import ConfigError, RunbookError
 from tasks.probes import ServiceNotReady, wait_until_ready
@@ -63,6 +63,7 @@ def test_a_hanging_service_is_restarted_and_recovers(api):
     assert result.restarted and "/health: no answer within 2s" in result.why
     assert 0 < result.seconds_to_ready <= result.seconds_to_healthy
     assert ctl.status().pid not in (None, pid)
+    assert "| check the logs since the restart |" in _report("service-restart-api")
 
 
 def test_dry_run_and_force(api):
@@ -100,6 +101,36 @@ def json_dump(obj: object) -> str:
     import json
 
     return json.dumps(obj)
+
+
+def test_errors_logged_after_the_restart_fail_it_as_not_proven(sample_db, tmp_path, write_config, slack):
+    """A bad release that only the logs show (no Prometheus here): /health stays green,
+    but the requests it fails after the restart are errors in its log."""
+    port = free_port()
+    command = [sys.executable, "-m", "demo.service", "--dsn", sample_db, "--port", str(port), "--redis", "none",
+               "--fault", "api-error"]
+    write_config(_config(tmp_path, sample_db, port, command, extra=f"""
+[notify]
+slack_token = "xoxb-test"
+slack_api_url = "{slack.url}"
+"""))
+    ctl = load_settings().controller("api")
+    ctl.start()
+    url = f"http://127.0.0.1:{port}"
+    try:
+        wait_until_ready(url, deadline_seconds=20, interval=0.2)
+        with Traffic(url):
+            with pytest.raises(ErrorsInLogs, match=r"\d+ error lines in the logs since the restart; first: .*"
+                                                   r'"GET /api/orders HTTP/1.1" 500 Internal Server Error'):
+                service_restart("api", force=True, watch_seconds=2)
+    finally:
+        ctl.stop()
+    texts = [r["body"]["text"] for r in slack.requests]
+    assert any(t.startswith("[HIGH] Service restart failed: api") and "its logs show errors since the restart" in t
+               for t in texts)
+    assert not any("[CRITICAL]" in t for t in texts)
+    report = _report("service-restart-api")
+    assert "| Errors in logs since restart |" in report and "Time to healthy" in report
 
 
 def test_unknown_service_is_named(sample_db, tmp_path, write_config):

@@ -129,6 +129,9 @@ controller = { kind = "systemd", unit = "api.service" }
     errors = load_settings().error_rate("api")
     assert errors.prom.url == "http://127.0.0.1:9090" and errors.threshold == 0.005
     assert 'job="fraiseql",status=~"5.."' in errors.promql and "$job" not in errors.promql
+    write_config(GOOD + service + "log_error_pattern = '(unclosed'\n")
+    with pytest.raises(ConfigError, match="services.api.log_error_pattern: not a valid regular expression"):
+        load_settings()
     write_config(GOOD + service + "error_rate_threshold = 5\n")
     with pytest.raises(ConfigError, match="services.api.error_rate_threshold: Input should be less than or equal to 1"):
         load_settings()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import sys
 import time
+from datetime import datetime, timezone
 
 import pytest
 
@@ -57,6 +58,28 @@ def test_a_service_that_crashes_on_start_shows_its_log(tmp_path):
     assert ctl.logs() == ["boom: no config"]
 
 
+def test_logs_since_a_start_are_that_starts_output(tmp_path):
+    from datetime import datetime, timedelta, timezone
+
+    def run(word: str) -> None:
+        ctl = controller(tmp_path, [sys.executable, "-c", f"import time; print('{word}', flush=True); time.sleep(30)"])
+        ctl.start()
+        for _ in range(100):
+            if word in ctl.logs(5):
+                break
+            time.sleep(0.05)
+        ctl.stop()
+
+    run("first run")
+    between = datetime.now(timezone.utc)
+    run("second run")
+    ctl = controller(tmp_path, ["true"])
+    assert ctl.logs() == ["first run", "second run"]  # the start marks are ours, not the service's
+    assert ctl.logs(since=between) == ["second run"]
+    assert ctl.logs(since=datetime.now(timezone.utc) + timedelta(seconds=1)) == []  # no start since
+    assert "--- runbooks: started at " in (tmp_path / "api.log").read_text()
+
+
 def test_missing_binary_and_bad_scale(tmp_path):
     with pytest.raises(ServiceError, match=r"service 'api': cannot start /nonexistent/bin"):
         controller(tmp_path, ["/nonexistent/bin"]).start()
@@ -88,11 +111,13 @@ def test_systemd_commands(tmp_path, monkeypatch):
     status = ctl.restart()
     assert status.running and status.pid == 4242 and status.detail == "active (running)"
     assert ctl.logs(50) == ["started", "listening on :8000"]
+    ctl.logs(1000, since=datetime(2026, 11, 30, 4, 50, 1, 500000, tzinfo=timezone.utc))
     ctl.scale(0)
     assert calls() == [
         "systemctl restart fraiseql.service",
         "systemctl show fraiseql.service --property=ActiveState,SubState,MainPID",
         "journalctl -u fraiseql.service -n 50 --no-pager -o cat",
+        "journalctl -u fraiseql.service -n 1000 --no-pager -o cat --since=@1796014201",
         "systemctl stop fraiseql.service",
         "systemctl show fraiseql.service --property=ActiveState,SubState,MainPID",
     ]
@@ -104,10 +129,12 @@ def test_docker_commands(tmp_path, monkeypatch):
     calls = stub_tools(tmp_path, monkeypatch, {"docker": "true 777 running"})
     ctl = DockerController("api", DockerControllerConfig(container="fraiseql-api", grace_seconds=20))
     assert ctl.restart().pid == 777
+    ctl.logs(1000, since=datetime(2026, 11, 30, 4, 50, 1, 500000, tzinfo=timezone.utc))
     ctl.stop()
     assert calls() == [
         "docker restart --time 20 fraiseql-api",
         "docker inspect --format {{.State.Running}} {{.State.Pid}} {{.State.Status}} fraiseql-api",
+        "docker logs --tail 1000 --since 1796014201 fraiseql-api",
         "docker stop --time 20 fraiseql-api",
         "docker inspect --format {{.State.Running}} {{.State.Pid}} {{.State.Status}} fraiseql-api",
     ]

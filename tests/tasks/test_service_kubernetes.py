@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import threading
+from datetime import datetime, timezone
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from urllib.parse import parse_qs, urlsplit
 
@@ -88,6 +89,10 @@ def test_logs_of_every_pod(kube):
     pods = next(r for r in seen if r["path"].endswith("/pods"))
     assert pods["query"] == {"labelSelector": ["app=fraiseql"]}
     assert next(r for r in seen if r["path"].endswith("/log"))["query"] == {"tailLines": ["20"]}
+    seen.clear()
+    ctl.logs(1000, since=datetime(2026, 11, 30, 4, 50, 1, 500000, tzinfo=timezone.utc))
+    assert next(r for r in seen if r["path"].endswith("/log"))["query"] == {
+        "tailLines": ["1000"], "sinceTime": ["2026-11-30T04:50:01Z"]}
 
 
 @pytest.mark.parametrize("code, message", [(403, "refused PATCH .* lacks that permission"),
