@@ -8,6 +8,7 @@ from pathlib import Path
 from prefect import flow
 from pydantic import BaseModel
 
+import flows._common  # noqa: F401 - keeps tracebacks of our own errors out of its run log
 from tasks.config import load_settings
 from tasks.errors import RunbookError
 from tasks.probes import ProbeResult, failures, probe_all

@@ -20,7 +20,7 @@ from tasks.report import RunReport, first_line
 from tasks.service import Controller, ServiceConfig, ServiceError, ServiceStatus
 
 READING_INTERVAL = 5.0  # seconds between error-rate readings while watching
-LOG_LINES = 1000  # lines since the restart searched for errors
+LOG_LINES = 10_000  # the newest lines since the restart, searched for errors
 
 
 class RestartResult(BaseModel):
@@ -99,7 +99,8 @@ def service_restart(service: str, force: bool = False, ready_deadline_seconds: f
                 try:
                     wait_until_ready(cfg.base_url, deadline, interval=1.0, timeout=cfg.probe_timeout)
                 except ServiceNotReady:
-                    run.figure("Logs after restart (last 20)", " / ".join(_logs(controller)[-20:]) or "none")
+                    run.figure("Logs after restart (last 20)",
+                               " / ".join(_logs(controller, since=restarted_at)[-20:]) or "none")
                     raise
             ready_after = time.monotonic() - t0
             run.figure("Time to ready", f"{ready_after:.1f} s")
@@ -153,9 +154,9 @@ def _confirm(base_url: str, timeout: float, errors: ErrorRate | None,
     return before, sick, rate, note
 
 
-def _logs(controller: Controller) -> list[str]:
+def _logs(controller: Controller, since: datetime | None = None) -> list[str]:
     try:
-        return controller.logs(100)
+        return controller.logs(100, since=since)
     except ServiceError as exc:  # logs are evidence, not a reason to stop
         return [f"(logs unavailable: {exc})"]
 

@@ -34,8 +34,6 @@ from tasks.prometheus import DEFAULT_ERROR_RATE_QUERY
 
 # Reference runbook 1's success criterion "no new errors in logs": words that mark one.
 DEFAULT_LOG_ERROR_PATTERN = r"(?i)\b(error|critical|fatal|panic|traceback)\b"
-START_MARK = "--- runbooks: started at "  # + ISO time + " ---", in a process's log file
-SCAN_LINES = 20_000  # how far back a process log is searched for the newest start
 
 
 class ServiceError(RunbookError):
@@ -87,7 +85,9 @@ class Controller(ABC):
 
     @abstractmethod
     def logs(self, lines: int = 100, since: datetime | None = None) -> list[str]:
-        """The last `lines` lines it wrote (only those since `since`, when given)."""
+        """The last `lines` lines it wrote. With `since`: only what instances started at
+        or after `since` wrote (a restart's new process, container or pods), so the
+        old instance's last words are not counted against the new one."""
 
     def restart(self) -> ServiceStatus:
         self.stop()
@@ -124,14 +124,21 @@ class ProcessController(_OneInstance):
         self.name = name
         self.config = config
 
+    def _pid_file(self) -> list[str]:
+        """`<pid> <kernel start time> <log offset> <start, ISO>`, as written by start."""
+        try:
+            return self.config.pid_file.read_text().split()
+        except OSError:
+            return []
+
     def _pid(self) -> int | None:
         """The pid in the pid file, if that process still runs (and is the one we started)."""
+        fields = self._pid_file()
         try:
-            pid_text, started = self.config.pid_file.read_text().split()
-            pid = int(pid_text)
-        except (OSError, ValueError):
+            pid = int(fields[0])
+        except (IndexError, ValueError):
             return None
-        return pid if _start_time(pid) == started else None
+        return pid if _start_time(pid) == fields[1] else None
 
     def status(self) -> ServiceStatus:
         pid = self._pid()
@@ -146,10 +153,8 @@ class ProcessController(_OneInstance):
         cfg.pid_file.parent.mkdir(parents=True, exist_ok=True)
         try:
             with open(cfg.log_file, "ab") as log:
-                # The log has no timestamps of its own: this line tells this start's output apart.
-                now = datetime.now(timezone.utc).isoformat(timespec="microseconds")
-                log.write(f"{START_MARK}{now} ---\n".encode())
-                log.flush()
+                # The log has no timestamps: where this start's output begins tells it apart.
+                offset, started_at = log.seek(0, os.SEEK_END), datetime.now(timezone.utc)
                 proc = subprocess.Popen(cfg.command, stdout=log, stderr=subprocess.STDOUT,
                                         stdin=subprocess.DEVNULL, cwd=cfg.workdir,
                                         env={**os.environ, **cfg.env}, start_new_session=True)
@@ -160,7 +165,7 @@ class ProcessController(_OneInstance):
             proc.wait()
             raise ServiceError(f"service '{self.name}' exited at once (code {proc.returncode}): "
                                f"{' | '.join(self.logs(3)) or 'no output'}")
-        cfg.pid_file.write_text(f"{proc.pid} {started}\n")
+        cfg.pid_file.write_text(f"{proc.pid} {started} {offset} {started_at.isoformat()}\n")
         return self.status()
 
     def stop(self) -> ServiceStatus:
@@ -185,19 +190,26 @@ class ProcessController(_OneInstance):
             pass
 
     def logs(self, lines: int = 100, since: datetime | None = None) -> list[str]:
-        """Without `since`: the last lines. With it: what the newest start since then
-        wrote (nothing if none started since)."""
-        try:
-            with open(self.config.log_file, errors="replace") as f:
-                tail = [line.rstrip("\n") for line in deque(f, maxlen=lines if since is None else SCAN_LINES)]
-        except OSError:
-            return []
-        if since is not None:
-            starts = [i for i, line in enumerate(tail) if line.startswith(START_MARK)]
-            if not starts or datetime.fromisoformat(tail[starts[-1]][len(START_MARK):-4]) < since:
+        offset = 0
+        if since is not None:  # the output of the newest start, if it began since then
+            fields = self._pid_file()
+            if len(fields) < 4:  # not running (stopped), or started by an older version
                 return []
-            tail = tail[starts[-1] + 1:]
-        return [line for line in tail if not line.startswith(START_MARK)][-lines:]
+            try:
+                started_at, offset = datetime.fromisoformat(fields[3]), int(fields[2])
+            except ValueError:
+                raise ServiceError(f"service '{self.name}': {self.config.pid_file} is malformed") from None
+            if started_at < since:
+                return []
+        try:
+            with open(self.config.log_file, "rb") as f:
+                f.seek(offset)
+                tail = deque(f, maxlen=lines)
+        except OSError as exc:
+            if since is None:  # evidence only
+                return []
+            raise ServiceError(f"service '{self.name}': cannot read {self.config.log_file}: {exc.strerror}") from None
+        return [line.decode(errors="replace").rstrip("\n") for line in tail]
 
 
 class SystemdControllerConfig(BaseModel):
@@ -267,9 +279,12 @@ class SystemdController(_OneInstance):
         return self.status()
 
     def logs(self, lines: int = 100, since: datetime | None = None) -> list[str]:
-        args = ["-u", self.config.unit, "-n", str(lines), "--no-pager", "-o", "cat"]
-        if since is not None:
-            args.append(f"--since=@{int(since.timestamp())}")
+        which = ["-u", self.config.unit]
+        if since is not None:  # this run of the unit only, not the stop of the one before
+            invocation = self._ctl("show", self.config.unit, "--property=InvocationID", "--value").strip()
+            which = [f"_SYSTEMD_INVOCATION_ID={invocation}"] if invocation else which
+            which.append(f"--since=@{int(since.timestamp())}")
+        args = [*which, "-n", str(lines), "--no-pager", "-o", "cat"]
         return _run(self.name, "journalctl", args, self.config.timeout_seconds).splitlines()
 
 
@@ -304,10 +319,21 @@ class DockerController(_OneInstance):
         if path is None:
             raise ServiceError(f"service '{self.name}': docker not found on this machine (its controller needs it)")
         # docker logs writes the container's stderr to its own stderr: keep both, in order.
-        window = [] if since is None else ["--since", str(int(since.timestamp()))]
-        proc = subprocess.run([path, "logs", "--tail", str(lines), *window, self.config.container],
-                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                              timeout=self.config.timeout_seconds)
+        window = []
+        if since is not None:  # from the later of `since` and this container start: not the old stop
+            started = self._docker("inspect", "--format", "{{.State.StartedAt}}", self.config.container).strip()
+            try:
+                since = max(since, datetime.fromisoformat(started))
+            except ValueError:
+                pass
+            window = ["--since", f"{since.timestamp():.6f}"]
+        try:
+            proc = subprocess.run([path, "logs", "--tail", str(lines), *window, self.config.container],
+                                  stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                                  timeout=self.config.timeout_seconds)
+        except subprocess.TimeoutExpired:
+            raise ServiceError(f"service '{self.name}': docker logs took over "
+                               f"{self.config.timeout_seconds:g}s") from None
         if proc.returncode != 0:
             raise ServiceError(f"service '{self.name}': docker logs failed (exit {proc.returncode}): "
                                f"{(proc.stdout.strip().splitlines() or ['no message'])[0]}")
@@ -385,19 +411,31 @@ class KubernetesController(Controller):
         return self.status()
 
     def logs(self, lines: int = 100, since: datetime | None = None) -> list[str]:
-        labels = self._call("GET", self.path).json()["spec"]["selector"]["matchLabels"]
-        selector = ",".join(f"{k}={v}" for k, v in sorted(labels.items()))
-        pods = self._call("GET", f"/api/v1/namespaces/{self.config.namespace}/pods",
-                          params={"labelSelector": selector}).json().get("items", [])
+        try:
+            labels = self._call("GET", self.path).json()["spec"]["selector"]["matchLabels"]
+            selector = ",".join(f"{k}={v}" for k, v in sorted(labels.items()))
+            pods = self._call("GET", f"/api/v1/namespaces/{self.config.namespace}/pods",
+                              params={"labelSelector": selector}).json().get("items", [])
+            names = [p["metadata"]["name"] for p in pods if since is None or
+                     datetime.fromisoformat(p["metadata"]["creationTimestamp"]) >= since.replace(microsecond=0)]
+        except (KeyError, TypeError, ValueError, AttributeError):
+            raise ServiceError(f"service '{self.name}': unexpected answer from the Kubernetes API "
+                               "listing the deployment's pods") from None
         out: list[str] = []
-        for pod in pods:
-            pod_name = pod["metadata"]["name"]
-            params: dict[str, object] = {"tailLines": lines}
-            if since is not None:
-                params["sinceTime"] = since.astimezone(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
-            text = self._call("GET", f"/api/v1/namespaces/{self.config.namespace}/pods/{pod_name}/log",
-                              params=params).text
-            out += [f"{pod_name}: {line}" for line in text.splitlines()]
+        for pod_name in names:  # since: only the pods this restart created, not the old ones going away
+            try:
+                r = self.client.get(f"/api/v1/namespaces/{self.config.namespace}/pods/{pod_name}/log",
+                                    params={"tailLines": lines})
+            except httpx.HTTPError as exc:
+                raise ServiceError(f"service '{self.name}': Kubernetes API unreachable: "
+                                   f"{type(exc).__name__}") from None
+            if r.status_code in (401, 403):
+                raise ServiceError(f"service '{self.name}': Kubernetes API refused the logs of pod {pod_name} "
+                                   f"(HTTP {r.status_code}): the token lacks that permission")
+            if r.status_code >= 400:  # a pod still starting, or gone meanwhile: say so, read the rest
+                out.append(f"{pod_name}: (no logs: HTTP {r.status_code})")
+                continue
+            out += [f"{pod_name}: {line}" for line in r.text.splitlines()]
         return out
 
 

@@ -40,3 +40,29 @@ def test_a_bug_keeps_its_traceback():
     for msg in ("Encountered exception during execution", "Engine execution exited with unexpected exception"):
         record = _record(msg, ZeroDivisionError("division by zero"))
         assert tidy.filter(record) and record.exc_info is not None and record.getMessage() == msg
+
+
+def test_each_flow_installs_the_filter_where_a_runner_loads_it():
+    """A fresh process that loads one flow by its prefect.yaml entrypoint, as the child
+    process of `runbooks serve` or a worker does, gets the filter from that alone."""
+    import subprocess
+
+    import yaml
+
+    from deployments.serve import PROJECT
+
+    check = """
+import logging, sys
+from prefect.flows import load_flow_from_entrypoint
+from prefect.logging.handlers import APILogHandler, PrefectConsoleHandler
+load_flow_from_entrypoint(sys.argv[1])
+handlers = [h for name in ("", "prefect.flow_runs") for h in logging.getLogger(name).handlers
+            if isinstance(h, (APILogHandler, PrefectConsoleHandler))]
+print(len(handlers), sorted({type(f).__name__ for h in handlers for f in h.filters}))
+"""
+    entrypoints = sorted({d["entrypoint"] for d in yaml.safe_load((PROJECT / "prefect.yaml").read_text())["deployments"]})
+    assert len(entrypoints) == 5
+    for entrypoint in entrypoints:
+        out = subprocess.run([sys.executable, "-c", check, str(PROJECT / entrypoint)], capture_output=True,
+                             text=True, cwd=PROJECT, timeout=120)
+        assert out.stdout.strip() == "2 ['_TidyLogs']", (entrypoint, out.stdout, out.stderr[-2000:])

@@ -59,25 +59,31 @@ def test_a_service_that_crashes_on_start_shows_its_log(tmp_path):
 
 
 def test_logs_since_a_start_are_that_starts_output(tmp_path):
-    from datetime import datetime, timedelta, timezone
+    from datetime import timedelta
 
-    def run(word: str) -> None:
-        ctl = controller(tmp_path, [sys.executable, "-c", f"import time; print('{word}', flush=True); time.sleep(30)"])
+    def start(code: str, seen: str) -> ProcessController:
+        ctl = controller(tmp_path, [sys.executable, "-c", f"import sys, time; {code}; sys.stdout.flush(); time.sleep(30)"])
         ctl.start()
         for _ in range(100):
-            if word in ctl.logs(5):
-                break
+            if any(seen in line for line in ctl.logs(5)):
+                return ctl
             time.sleep(0.05)
-        ctl.stop()
+        raise AssertionError(f"{seen!r} never logged")
 
-    run("first run")
+    start("print('ERROR in the old one'); print('last words, no newline', end='')", "last words").stop()
     between = datetime.now(timezone.utc)
-    run("second run")
-    ctl = controller(tmp_path, ["true"])
-    assert ctl.logs() == ["first run", "second run"]  # the start marks are ours, not the service's
-    assert ctl.logs(since=between) == ["second run"]
-    assert ctl.logs(since=datetime.now(timezone.utc) + timedelta(seconds=1)) == []  # no start since
-    assert "--- runbooks: started at " in (tmp_path / "api.log").read_text()
+    ctl = start("print('second run')", "second run")
+    try:
+        assert ctl.logs() == ["ERROR in the old one", "last words, no newlinesecond run"]  # the file as it is
+        assert ctl.logs(since=between) == ["second run"]  # from where this start's output begins
+        assert ctl.logs(since=datetime.now(timezone.utc) + timedelta(seconds=1)) == []  # no start since
+        (tmp_path / "api.log").unlink()
+        with pytest.raises(ServiceError, match=r"service 'api': cannot read .*api.log: No such file"):
+            ctl.logs(since=between)
+        assert ctl.logs() == []  # without since, logs are evidence only
+    finally:
+        ctl.stop()
+    assert ctl.logs(since=between) == []  # stopped: no instance to speak of
 
 
 def test_missing_binary_and_bad_scale(tmp_path):
@@ -87,15 +93,18 @@ def test_missing_binary_and_bad_scale(tmp_path):
         controller(tmp_path, ["true"]).scale(3)
 
 
-def stub_tools(tmp_path, monkeypatch, replies: dict[str, str], fail: str | None = None):
-    """Stub commands on PATH that record their argv and print a canned reply."""
+def stub_tools(tmp_path, monkeypatch, replies: dict[str, str | dict[str, str]], fail: str | None = None):
+    """Stub commands on PATH that record their argv and print a canned reply: one per
+    tool, or one per word its arguments contain ("*": any other)."""
     bin_dir = tmp_path / "stubs"
     bin_dir.mkdir()
     calls = tmp_path / "calls.log"
     for tool, reply in replies.items():
         script = bin_dir / tool
         code = 'echo "unit not found" >&2; exit 5' if tool == fail else "exit 0"
-        script.write_text(f"""#!/bin/sh\necho "{tool} $*" >> "{calls}"\nprintf '{reply}'\n{code}\n""")
+        cases = reply if isinstance(reply, dict) else {"*": reply}
+        printf = "".join(f"  {'*' if word == '*' else f'*{word}*'}) printf '{out}';;\n" for word, out in cases.items())
+        script.write_text(f"""#!/bin/sh\necho "{tool} $*" >> "{calls}"\ncase "$*" in\n{printf}esac\n{code}\n""")
         script.chmod(0o755)
     monkeypatch.setenv("PATH", f"{bin_dir}:/usr/bin:/bin")
     return lambda: calls.read_text().splitlines() if calls.exists() else []
@@ -105,7 +114,7 @@ def test_systemd_commands(tmp_path, monkeypatch):
     from tasks.service import SystemdController, SystemdControllerConfig
 
     calls = stub_tools(tmp_path, monkeypatch, {
-        "systemctl": "ActiveState=active\\nSubState=running\\nMainPID=4242\\n",
+        "systemctl": {"InvocationID": "5e1f0c2b9a\\n", "*": "ActiveState=active\\nSubState=running\\nMainPID=4242\\n"},
         "journalctl": "started\\nlistening on :8000\\n"})
     ctl = SystemdController("api", SystemdControllerConfig(unit="fraiseql.service"))
     status = ctl.restart()
@@ -117,7 +126,8 @@ def test_systemd_commands(tmp_path, monkeypatch):
         "systemctl restart fraiseql.service",
         "systemctl show fraiseql.service --property=ActiveState,SubState,MainPID",
         "journalctl -u fraiseql.service -n 50 --no-pager -o cat",
-        "journalctl -u fraiseql.service -n 1000 --no-pager -o cat --since=@1796014201",
+        "systemctl show fraiseql.service --property=InvocationID --value",
+        "journalctl _SYSTEMD_INVOCATION_ID=5e1f0c2b9a --since=@1796014201 -n 1000 --no-pager -o cat",
         "systemctl stop fraiseql.service",
         "systemctl show fraiseql.service --property=ActiveState,SubState,MainPID",
     ]
@@ -126,7 +136,8 @@ def test_systemd_commands(tmp_path, monkeypatch):
 def test_docker_commands(tmp_path, monkeypatch):
     from tasks.service import DockerController, DockerControllerConfig
 
-    calls = stub_tools(tmp_path, monkeypatch, {"docker": "true 777 running"})
+    calls = stub_tools(tmp_path, monkeypatch, {"docker": {"StartedAt": "2026-11-30T04:50:03.250000001Z",
+                                                          "*": "true 777 running"}})
     ctl = DockerController("api", DockerControllerConfig(container="fraiseql-api", grace_seconds=20))
     assert ctl.restart().pid == 777
     ctl.logs(1000, since=datetime(2026, 11, 30, 4, 50, 1, 500000, tzinfo=timezone.utc))
@@ -134,7 +145,8 @@ def test_docker_commands(tmp_path, monkeypatch):
     assert calls() == [
         "docker restart --time 20 fraiseql-api",
         "docker inspect --format {{.State.Running}} {{.State.Pid}} {{.State.Status}} fraiseql-api",
-        "docker logs --tail 1000 --since 1796014201 fraiseql-api",
+        "docker inspect --format {{.State.StartedAt}} fraiseql-api",  # later than since: from there
+        "docker logs --tail 1000 --since 1796014203.250000 fraiseql-api",
         "docker stop --time 20 fraiseql-api",
         "docker inspect --format {{.State.Running}} {{.State.Pid}} {{.State.Status}} fraiseql-api",
     ]

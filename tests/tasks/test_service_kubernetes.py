@@ -16,7 +16,11 @@ from tasks.service import KubernetesController, KubernetesControllerConfig, Serv
 DEPLOY = "/apis/apps/v1/namespaces/prod/deployments/fraiseql-api"
 DEPLOYMENT = {"spec": {"replicas": 3, "selector": {"matchLabels": {"app": "fraiseql"}}},
               "status": {"readyReplicas": 3}}
-PODS = {"items": [{"metadata": {"name": "fraiseql-api-1"}}, {"metadata": {"name": "fraiseql-api-2"}}]}
+# -1 from before the restart below, -2 and -3 from it; -3 is still starting (its log: HTTP 400).
+PODS = {"items": [{"metadata": {"name": f"fraiseql-api-{i}", "creationTimestamp": created}}
+                  for i, created in ((1, "2026-11-30T04:00:00Z"), (2, "2026-11-30T04:50:05Z"),
+                                     (3, "2026-11-30T04:50:07Z"))]}
+RESTART = datetime(2026, 11, 30, 4, 50, 1, 500000, tzinfo=timezone.utc)
 
 
 @pytest.fixture
@@ -34,8 +38,9 @@ def kube():
             url = urlsplit(self.path)
             seen.append({"method": self.command, "path": url.path, "query": parse_qs(url.query),
                          "headers": dict(self.headers.items()), "body": json.loads(raw) if raw else None})
-            if state["status"] != 200:
-                body, ctype = json.dumps({"kind": "Status", "code": state["status"]}), "application/json"
+            status = state["status"] if not url.path.endswith("fraiseql-api-3/log") else state.get("pod3", 400)
+            if status != 200:
+                body, ctype = json.dumps({"kind": "Status", "code": status}), "application/json"
             elif url.path.endswith("/log"):
                 body, ctype = "line one\nline two\n", "text/plain"
             elif url.path.endswith("/pods"):
@@ -43,7 +48,7 @@ def kube():
             else:
                 body, ctype = json.dumps(DEPLOYMENT), "application/json"
             data = body.encode()
-            self.send_response(state["status"])
+            self.send_response(status)
             self.send_header("Content-Type", ctype)
             self.send_header("Content-Length", str(len(data)))
             self.end_headers()
@@ -85,14 +90,22 @@ def test_scale_uses_the_scale_subresource(kube):
 def test_logs_of_every_pod(kube):
     ctl, seen, _ = kube
     assert ctl.logs(20) == ["fraiseql-api-1: line one", "fraiseql-api-1: line two",
-                            "fraiseql-api-2: line one", "fraiseql-api-2: line two"]
+                            "fraiseql-api-2: line one", "fraiseql-api-2: line two",
+                            "fraiseql-api-3: (no logs: HTTP 400)"]
     pods = next(r for r in seen if r["path"].endswith("/pods"))
     assert pods["query"] == {"labelSelector": ["app=fraiseql"]}
     assert next(r for r in seen if r["path"].endswith("/log"))["query"] == {"tailLines": ["20"]}
-    seen.clear()
-    ctl.logs(1000, since=datetime(2026, 11, 30, 4, 50, 1, 500000, tzinfo=timezone.utc))
-    assert next(r for r in seen if r["path"].endswith("/log"))["query"] == {
-        "tailLines": ["1000"], "sinceTime": ["2026-11-30T04:50:01Z"]}
+
+
+def test_logs_since_a_restart_are_the_new_pods(kube):
+    ctl, seen, state = kube
+    assert ctl.logs(1000, since=RESTART) == ["fraiseql-api-2: line one", "fraiseql-api-2: line two",
+                                             "fraiseql-api-3: (no logs: HTTP 400)"]
+    assert [r["path"].rsplit("/", 2)[1] for r in seen if r["path"].endswith("/log")] == \
+        ["fraiseql-api-2", "fraiseql-api-3"]
+    state["pod3"] = 403
+    with pytest.raises(ServiceError, match="refused the logs of pod fraiseql-api-3 .*lacks that permission"):
+        ctl.logs(1000, since=RESTART)
 
 
 @pytest.mark.parametrize("code, message", [(403, "refused PATCH .* lacks that permission"),
