@@ -1013,11 +1013,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.rss_child:
         return rss_child(*args.rss_child)
     signal.signal(signal.SIGTERM, _sigterm)
-    from deployments import environment
+    from flows._common import tidy_logs
 
-    tidy = getattr(environment, "tidy_prefect_logs", None)
-    if tidy is not None:
-        tidy()  # no temporary-server chatter under --verbose either
+    tidy_logs()  # no temporary-server chatter under --verbose either
     bench = Bench(args)
     try:
         bench.run()

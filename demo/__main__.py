@@ -11,7 +11,7 @@ service-restart flow; prints a short summary and stops what it started.
 
 from __future__ import annotations
 
-from deployments.environment import tidy_prefect_logs, quiet_prefect
+from deployments.environment import quiet_prefect
 
 quiet_prefect()
 
@@ -72,8 +72,9 @@ path = "backups"
         os.environ["RUNBOOKS_CONFIG"] = str(config)
 
         step("starting Prefect's local server (runs kept in .demo/prefect)")
-        tidy_prefect_logs()
+        from flows._common import tidy_logs
         from flows.backup_database import backup_database
+        tidy_logs()
         from flows.restore_test import restore_test
 
         step("running the backup-database flow")

@@ -3,10 +3,13 @@ every deployment. Errors are one line on stderr (exit 2), never a traceback."""
 
 from __future__ import annotations
 
-from deployments.environment import tidy_prefect_logs, quiet_prefect
+from deployments.environment import quiet_prefect
 
 quiet_prefect()
-tidy_prefect_logs()
+
+from flows._common import tidy_logs  # noqa: E402 - imports Prefect, so after quiet_prefect
+
+tidy_logs()
 
 import sys  # noqa: E402
 from datetime import datetime, timezone  # noqa: E402

@@ -23,11 +23,3 @@ def quiet_prefect() -> None:
         if runtime.stat().st_uid == os.getuid():  # never someone else's directory
             runtime.chmod(0o700)
             os.environ["XDG_RUNTIME_DIR"] = str(runtime)
-
-
-def tidy_prefect_logs() -> None:
-    """Call after Prefect has configured logging (importing prefect.main does); see
-    flows/_common.py, which does it for every process that runs a flow."""
-    from flows._common import tidy_logs
-
-    tidy_logs()
