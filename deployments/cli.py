@@ -239,12 +239,28 @@ def run_health(metrics_file: Optional[str] = typer.Option(None, help="also write
     health_check(metrics_file=metrics_file)
 
 
+@app.command("run")
+def run_deployment(name: str = typer.Argument(..., help="deployment name from prefect.yaml, e.g. backup-orders"),
+                   param: list[str] = typer.Option([], "--param", "-p", help="key=value (repeatable)"),
+                   watch: bool = typer.Option(False, "--watch", help="follow the run to its end")) -> None:
+    """Start a deployment on the Prefect server (PREFECT_API_URL, or the one `runbooks serve`
+    started); parameters are checked first. --watch: exit 0 completed, 1 failed, 2 operator error."""
+    from deployments import run
+
+    flow_run, url = run.start(name, run.parse_params(param))
+    out.print(f"started run {flow_run.name} ({flow_run.id}) of {name}: {url}")
+    if watch:
+        raise typer.Exit(run.watch(flow_run.id, say=out.print))
+
+
 @app.command("serve")
-def serve() -> None:
-    """Serve every deployment in prefect.yaml from this process (schedules included)."""
+def serve(port: int = typer.Option(4200, help="port of the local Prefect server, when one is started"),
+          poll_seconds: float = typer.Option(1.0, help="how often to look for runs to start")) -> None:
+    """Serve every deployment in prefect.yaml (schedules included) from this process.
+    Uses PREFECT_API_URL when set; otherwise starts a local Prefect server with its UI."""
     from deployments.serve import serve_all
 
-    serve_all()
+    serve_all(port=port, poll_seconds=poll_seconds, say=out.print)
 
 
 def main() -> None:

@@ -1,6 +1,9 @@
 """Process-wide defaults for our entry points (CLI, demo, serve, tests), set before
-Prefect is imported: no telemetry, and no server log noise ("database is locked",
-CancelledError tracebacks from the temporary server's shutdown) in a terminal."""
+Prefect is imported: no telemetry, no server log noise ("database is locked",
+CancelledError tracebacks from the temporary server's shutdown) in a terminal, and
+concurrency leases kept on disk (PREFECT_HOME/concurrency_leases) by every server we
+start, so a slot held across a server restart, or by a run whose temporary server died
+with it, can still be released."""
 
 import os
 from pathlib import Path
@@ -9,6 +12,7 @@ QUIET = {
     "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
     "PREFECT_SERVER_LOGGING_LEVEL": "CRITICAL",
     "PREFECT_LOGGING_LOG_PRINTS": "true",
+    "PREFECT_SERVER_CONCURRENCY_LEASE_STORAGE": "prefect.server.concurrency.lease_storage.filesystem",
 }
 
 

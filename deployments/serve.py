@@ -1,36 +1,51 @@
-"""Serve every deployment in prefect.yaml from this process: schedules fire here and
-runs started from the UI (typed parameter forms) execute here. prefect.yaml stays the
-one place where deployments are described."""
+"""`runbooks serve`: every deployment of prefect.yaml served from this process, with
+all of its settings: schedules fire here and runs started from the UI, `runbooks run`
+or the REST API execute here. prefect.yaml stays the one list of deployments."""
 
 from __future__ import annotations
 
-from pathlib import Path
-from typing import Any
+import os
+from contextlib import ExitStack
 
-import yaml
-from prefect import serve
-from prefect.client.schemas.schedules import CronSchedule
-from prefect.deployments.runner import RunnerDeployment
-from prefect.flows import load_flow_from_entrypoint
+from deployments.server import configured_api_url, healthy, local_server
+from deployments.spec import build_deployments, read_specs
+from tasks.errors import ConfigError, RunbookError
 
-PROJECT = Path(__file__).resolve().parent.parent
+POLL_SECONDS = 1.0  # Prefect's runner default is 10 s: a run would wait that long to start
 
 
-def load_deployments(path: Path = PROJECT / "prefect.yaml") -> list[RunnerDeployment]:
-    """Build a RunnerDeployment for every entry of prefect.yaml."""
-    spec: dict[str, Any] = yaml.safe_load(path.read_text())
-    out = []
-    for entry in spec["deployments"]:
-        flow = load_flow_from_entrypoint(str(PROJECT / entry["entrypoint"]))
-        schedules = [CronSchedule(cron=s["cron"], timezone=s.get("timezone", "UTC"))
-                     for s in entry.get("schedules", [])]
-        limit = entry.get("concurrency_limit") or {}
-        out.append(flow.to_deployment(
-            name=entry["name"], description=entry.get("description"), tags=entry.get("tags"),
-            parameters=entry.get("parameters") or {}, schedules=schedules,
-            concurrency_limit=limit.get("limit")))
-    return out
+def configured_targets() -> dict[str, list[str]]:
+    """Target names for the forms' dropdowns; no config (or a broken one) means plain fields."""
+    from tasks.config import config_path, load_settings
+
+    if not config_path().is_file():
+        return {}
+    settings = load_settings()  # a broken config must not be served: its error stops us
+    return {"databases": list(settings.databases), "services": list(settings.services),
+            "stores": list(settings.stores)}
 
 
-def serve_all() -> None:
-    serve(*load_deployments())
+def serve_all(port: int, poll_seconds: float = POLL_SECONDS, say=print) -> None:
+    """Validate prefect.yaml, connect to (or start) the Prefect server, serve until stopped."""
+    from prefect import serve
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    if poll_seconds <= 0:
+        raise ConfigError("--poll-seconds must be more than 0")
+    deployments = build_deployments(read_specs(), configured_targets())  # before any server
+    with ExitStack() as stack:
+        url = configured_api_url()
+        if url:
+            if not healthy(url):
+                raise RunbookError(f"no Prefect server answers at PREFECT_API_URL={url}")
+            say(f"Prefect server: {url} (PREFECT_API_URL)")
+        else:
+            url = stack.enter_context(local_server(port))
+            say(f"Prefect server started: UI at {url.removesuffix('/api')}  (API {url}; "
+                f"for other shells: export PREFECT_API_URL={url})")
+        os.environ["PREFECT_API_URL"] = url  # the runs this process starts inherit it
+        stack.enter_context(temporary_settings({PREFECT_API_URL: url}))
+        say(f"Serving {len(deployments)} deployments: "
+            + ", ".join(d.name for d in deployments) + f" (polling every {poll_seconds:g} s)")
+        serve(*deployments, print_starting_message=False, query_seconds=poll_seconds)
+        say("runbooks serve stopped; its deployments are paused until it serves them again")

@@ -46,6 +46,10 @@ def backup_database(database: str, dry_run: bool = False) -> BackupResult:
       3. copy to the replica store, when configured, checked by sha256.
     One backup per database at a time. `dry_run` checks the database and the store
     and prints the plan, changing nothing. Notifies on failure.
+
+    Args:
+        database: The database target to back up (a name from runbooks.toml).
+        dry_run: Check the database and the store and print the plan; change nothing.
     """
     settings = load_settings()
     db = settings.database(database)

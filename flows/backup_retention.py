@@ -46,6 +46,12 @@ def backup_retention(database: str | None = None, dry_run: bool = False,
       4. under the database's lock, list again and delete what was approved and is still
          expired (manifest first, so a half-deleted backup is never listed).
     `dry_run` lists what would go and deletes nothing.
+
+    Args:
+        database: Only this database target; empty: every configured database.
+        dry_run: List what would be deleted; delete nothing.
+        auto_approve: Delete without asking. Leave off when running by hand: the run
+            then waits for a person to approve the list in the UI. The schedule turns it on.
     """
     settings = load_settings()
     names = [settings.database(database).name] if database else sorted(settings.databases)

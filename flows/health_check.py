@@ -42,6 +42,10 @@ def health_check(metrics_file: str | None = None) -> HealthCheckResult:
     Failed otherwise) and, when `metrics_file` is given, Prometheus metrics in the
     textfile-collector format (`runbooks_probe_success`, `runbooks_probe_latency_seconds`),
     written atomically.
+
+    Args:
+        metrics_file: Also write the probe results here, in Prometheus' textfile
+            format (e.g. node_exporter's textfile directory); empty: no file.
     """
     settings = load_settings()
     with RunReport("Health check", "all services") as run:

@@ -62,6 +62,11 @@ def restore_test(database: str, backup_id: str | None = None, dry_run: bool = Fa
     Holds the database's slot (no backup or retention meanwhile). `dry_run` picks the
     backup, checks the server and prints the plan, restoring nothing. Notifies HIGH on
     failure, INFO on success.
+
+    Args:
+        database: The database target whose backup is tested (a name from runbooks.toml).
+        backup_id: One backup to test, e.g. orders-20260101T000000Z-ab12; empty: the newest.
+        dry_run: Pick the backup, check the server and print the plan; restore nothing.
     """
     settings = load_settings()
     db = settings.database(database)

@@ -60,6 +60,15 @@ def service_restart(service: str, force: bool = False, ready_deadline_seconds: f
     One run per service at a time, confirmation included. `dry_run` confirms and plans,
     restarting nothing.
     A service that never becomes ready fails the run with its logs and a CRITICAL notice.
+
+    Args:
+        service: The service target to restart (a name from runbooks.toml).
+        force: Restart even when every check passes (e.g. to load new settings).
+        ready_deadline_seconds: How long to wait for /ready after the restart, in
+            seconds; empty: the service's `ready_deadline_seconds` from runbooks.toml.
+        watch_seconds: How long /health must stay green after ready, in seconds;
+            empty: the service's `watch_seconds` from runbooks.toml.
+        dry_run: Confirm the problem and print the plan; restart nothing.
     """
     settings = load_settings()
     cfg = settings.service(service)
