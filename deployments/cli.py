@@ -203,7 +203,7 @@ def run_restore_test(database: str, backup_id: Optional[str] = typer.Option(None
     from flows.restore_test import restore_test
 
     load_settings().database(database)
-    if backup_id:
+    if backup_id is not None:
         backups.check_backup_id(backup_id)
     restore_test(database=database, backup_id=backup_id, dry_run=dry_run)
 
@@ -216,7 +216,7 @@ def run_retention(database: Optional[str] = typer.Option(None),
     waits for approval in the Prefect UI before deleting anything."""
     from flows.backup_retention import backup_retention
 
-    if database:
+    if database is not None:
         load_settings().database(database)
     backup_retention(database=database, dry_run=dry_run, auto_approve=yes)
 

@@ -12,7 +12,7 @@ from typing import Any
 from uuid import UUID
 
 from deployments.server import require_server
-from deployments.spec import find_spec
+from deployments.spec import check_against_schema, find_spec
 from tasks.errors import ConfigError, RunbookError
 
 EXIT_COMPLETED, EXIT_FAILED, EXIT_OPERATOR = 0, 1, 2
@@ -32,23 +32,6 @@ def parse_params(pairs: list[str]) -> dict[str, Any]:
         except ValueError:
             out[key] = raw
     return out
-
-
-def check_against_schema(name: str, schema: dict[str, Any], params: dict[str, Any]) -> None:
-    """Unknown names, wrong types and values outside a dropdown's choices, one line each."""
-    from prefect.utilities.schema_tools import validate
-
-    props = schema.get("properties", {})
-    for key in params:
-        if key not in props:
-            raise ConfigError(f"{name}: unknown parameter {key!r} (parameters: {', '.join(props) or 'none'})")
-    for key, value in params.items():
-        errors = validate({key: value}, {"type": "object", "properties": {key: props[key]},
-                                         "definitions": schema.get("definitions", {})},
-                          ignore_required=True)
-        if errors:
-            shown = json.dumps(value)
-            raise ConfigError(f"{name}: parameter {key!r}: {shown} is not valid: {errors[0].message}")
 
 
 def start(name: str, params: dict[str, Any]) -> tuple[Any, str]:

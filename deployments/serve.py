@@ -5,6 +5,7 @@ or the REST API execute here. prefect.yaml stays the one list of deployments."""
 from __future__ import annotations
 
 import os
+import signal
 from contextlib import ExitStack
 
 from deployments.server import configured_api_url, healthy, local_server
@@ -25,8 +26,25 @@ def configured_targets() -> dict[str, list[str]]:
             "stores": list(settings.stores)}
 
 
+class _Stopped(BaseException):
+    """SIGTERM before the runner took over its handling (e.g. while the server starts)."""
+
+
+def _stop(*_: object) -> None:
+    raise _Stopped()
+
+
 def serve_all(port: int, poll_seconds: float = POLL_SECONDS, say=print) -> None:
-    """Validate prefect.yaml, connect to (or start) the Prefect server, serve until stopped."""
+    """Validate prefect.yaml, connect to (or start) the Prefect server, serve until stopped
+    (SIGTERM or Ctrl-C); the local server it started stops with it."""
+    signal.signal(signal.SIGTERM, _stop)
+    try:
+        _serve(port, poll_seconds, say)
+    except (_Stopped, KeyboardInterrupt):
+        say("runbooks serve stopped")
+
+
+def _serve(port: int, poll_seconds: float, say) -> None:
     from prefect import serve
     from prefect.settings import PREFECT_API_URL, temporary_settings
 

@@ -6,6 +6,7 @@ as dropdowns of the configured targets, optional values as plain fields."""
 from __future__ import annotations
 
 import copy
+import json
 from pathlib import Path
 from typing import Any
 
@@ -121,24 +122,24 @@ def schedules(spec: DeploymentSpec) -> list[Any]:
 
 def check_parameters(spec: DeploymentSpec, flow: Any, values: dict[str, Any], where: str) -> None:
     """Names and types of `values` against the flow's signature, before any run exists."""
+    check_against_schema(f"deployment {spec.name}: {where}", flow.parameters.model_dump_for_openapi(), values)
+
+
+def check_against_schema(label: str, schema: dict[str, Any], params: dict[str, Any]) -> None:
+    """Unknown names, wrong types and values outside a dropdown's choices: one line each."""
     from prefect.utilities.schema_tools import validate
 
-    schema = flow.parameters.model_dump_for_openapi()
-    known = set(schema.get("properties", {}))
-    unknown = sorted(set(values) - known)
-    if unknown:
-        raise ConfigError(f"deployment {spec.name}: {where}: unknown parameter {unknown[0]!r} "
-                          f"(parameters: {', '.join(sorted(known)) or 'none'})")
-    try:
-        validate(values, {**schema, "required": []}, raise_on_error=True, ignore_required=True)
-    except Exception as exc:  # noqa: BLE001 - jsonschema's ValidationError and friends
-        raise ConfigError(f"deployment {spec.name}: {where}: {_schema_error(exc)}") from None
-
-
-def _schema_error(exc: Exception) -> str:
-    path = ".".join(str(p) for p in getattr(exc, "path", []) or [])
-    msg = getattr(exc, "message", None) or str(exc).splitlines()[0]
-    return f"parameter {path!r}: {msg}" if path else msg
+    props = schema.get("properties", {})
+    for key in params:
+        if key not in props:
+            raise ConfigError(f"{label}: unknown parameter {key!r} (parameters: {', '.join(props) or 'none'})")
+    for key, value in params.items():
+        errors = validate({key: value}, {"type": "object", "properties": {key: props[key]},
+                                         "definitions": schema.get("definitions", {})},
+                          ignore_required=True)
+        if errors:
+            raise ConfigError(f"{label}: parameter {key!r}: {json.dumps(value)} is not valid: "
+                              f"{errors[0].message}")
 
 
 def form_schema(schema: dict[str, Any], targets: dict[str, list[str]]) -> dict[str, Any]:

@@ -7,11 +7,12 @@ uses it; this module only assembles them and resolves target names.
 from __future__ import annotations
 
 import os
+import re
 import tomllib
 from pathlib import Path
 from typing import Any
 
-from pydantic import Field, ValidationError, model_validator
+from pydantic import Field, ValidationError, ValidationInfo, field_validator, model_validator
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
 from tasks.errors import ConfigError
@@ -23,6 +24,10 @@ from tasks.encryption import EncryptionConfig
 from tasks.storage import LocalStoreConfig, Store, StoreConfig, open_store
 
 DEFAULT_CONFIG = Path("runbooks.toml")
+# Target names end up in lock names, Prefect variables, database names and file paths.
+TARGET_NAME = re.compile(r"[a-z0-9][a-z0-9_-]{0,47}")
+TARGET_NAME_RULE = ("lowercase letters, digits, '-' and '_', starting with a letter or digit, "
+                    "at most 48 characters")
 
 
 class Settings(BaseSettings):
@@ -50,6 +55,15 @@ class Settings(BaseSettings):
                                    ) -> tuple[PydanticBaseSettingsSource, ...]:
         # The file's content arrives as init kwargs; the environment overrides it.
         return env_settings, init_settings
+
+    @field_validator("databases", "stores", "services", mode="before")
+    @classmethod
+    def _target_names(cls, value: Any, info: ValidationInfo) -> Any:
+        for name in value if isinstance(value, dict) else ():
+            if not isinstance(name, str) or not TARGET_NAME.fullmatch(name):
+                raise ValueError(f"{name!r} is not a valid target name "
+                                 f"(use {TARGET_NAME_RULE})")
+        return value
 
     @model_validator(mode="after")
     def _references_exist(self) -> "Settings":

@@ -1,0 +1,210 @@
+"""The product run the way users run it: a real `prefect server start` on loopback (its
+own PREFECT_HOME, a free port), `runbooks serve`, `prefect deploy` and process workers
+in subprocesses, the `runbooks` and `prefect` commands as a user types them."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import httpx
+import psycopg
+import pytest
+
+from deployments.spec import PROJECT
+from tests.conftest import free_port
+
+BIN = Path(sys.executable).parent
+
+
+def wait_for(check: Callable[[], Any], timeout: float, what: str, every: float = 0.5) -> Any:
+    """Poll `check` until it returns something truthy; fail naming `what`."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = check()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            pytest.fail(f"timed out after {timeout:.0f}s waiting for {what}")
+        time.sleep(every)
+
+
+@dataclass
+class Proc:
+    """A subprocess in its own process group, its output in a file."""
+
+    popen: subprocess.Popen
+    log: Path
+
+    def output(self) -> str:
+        return self.log.read_text(errors="replace") if self.log.exists() else ""
+
+    def stop(self, sig: int = signal.SIGTERM, timeout: float = 30) -> int:
+        if self.popen.poll() is None:
+            os.killpg(self.popen.pid, sig)
+            try:
+                self.popen.wait(timeout=timeout)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.popen.pid, signal.SIGKILL)
+                self.popen.wait()
+        return self.popen.returncode
+
+
+def spawn(args: list[str], env: dict[str, str], log: Path, cwd: Path = PROJECT) -> Proc:
+    with open(log, "ab") as out:
+        popen = subprocess.Popen(args, env=env, cwd=cwd, stdout=out, stderr=subprocess.STDOUT,
+                                 stdin=subprocess.DEVNULL, start_new_session=True)
+    return Proc(popen, log)
+
+
+def run(args: list[str], env: dict[str, str], timeout: float = 180,
+        cwd: Path = PROJECT) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(args, env=env, cwd=cwd, capture_output=True, text=True, timeout=timeout,
+                          stdin=subprocess.DEVNULL)
+
+
+def base_env(home: Path, config: Path | None = None, api_url: str | None = None) -> dict[str, str]:
+    """What a user's shell would hold: the venv's tools first, a Prefect home of its own."""
+    env = {k: v for k, v in os.environ.items()
+           if not k.startswith(("PREFECT_", "RUNBOOKS_", "PYTEST_"))}
+    env.update({"PATH": f"{BIN}:{env.get('PATH', '')}", "PREFECT_HOME": str(home),
+                "PREFECT_SERVER_ANALYTICS_ENABLED": "false", "RUNBOOKS_HOME": str(PROJECT),
+                "RUNBOOKS_RETRY_DELAY_SCALE": "0.01"})
+    if config:
+        env["RUNBOOKS_CONFIG"] = str(config)
+    if api_url:
+        env["PREFECT_API_URL"] = api_url
+    return env
+
+
+@dataclass
+class Server:
+    """A `prefect server start` of the test's own."""
+
+    url: str
+    home: Path
+    port: int
+    proc: Proc
+    db_url: str | None = None
+    env: dict[str, str] = field(default_factory=dict)
+
+    def api(self) -> httpx.Client:
+        return httpx.Client(base_url=self.url, timeout=30)
+
+    def stop(self) -> None:
+        self.proc.stop()
+
+    def start(self) -> None:
+        """(Re)start on the same port, home and database."""
+        env = base_env(self.home)
+        env["PREFECT_SERVER_CONCURRENCY_LEASE_STORAGE"] = "prefect.server.concurrency.lease_storage.filesystem"
+        if self.db_url:
+            env["PREFECT_API_DATABASE_CONNECTION_URL"] = self.db_url
+        self.proc = spawn([str(BIN / "prefect"), "server", "start", "--host", "127.0.0.1",
+                           "--port", str(self.port)], env, self.home / "server.log")
+        wait_for(lambda: _healthy(self.url) or self.proc.popen.poll() is not None, 90, "the Prefect server")
+        assert self.proc.popen.poll() is None, self.proc.output()[-2000:]
+
+
+def _healthy(url: str) -> bool:
+    try:
+        return httpx.get(f"{url}/health", timeout=2).status_code == 200
+    except httpx.HTTPError:
+        return False
+
+
+def start_server(home: Path, db_url: str | None = None) -> Server:
+    home.mkdir(parents=True, exist_ok=True)
+    port = free_port()
+    server = Server(url=f"http://127.0.0.1:{port}/api", home=home, port=port,
+                    proc=None, db_url=db_url)  # type: ignore[arg-type]
+    server.start()
+    return server
+
+
+@pytest.fixture(scope="session")
+def e2e_database(pg_admin: str) -> Iterator[str]:
+    """A sample database for the e2e runs (the `orders` target)."""
+    from demo.sample_data import build
+
+    name = f"rb_e2e_{uuid.uuid4().hex[:8]}"
+    with psycopg.connect(pg_admin, autocommit=True) as conn:
+        conn.execute(f'CREATE DATABASE "{name}"')
+    dsn = psycopg.conninfo.make_conninfo(pg_admin, dbname=name)
+    build(dsn, rows=3000)
+    yield dsn
+    with psycopg.connect(pg_admin, autocommit=True) as conn:
+        for (db,) in conn.execute("SELECT datname FROM pg_database WHERE datname LIKE %s",
+                                  (f"{name}%",)).fetchall():
+            conn.execute(f'DROP DATABASE IF EXISTS "{db}" WITH (FORCE)')
+
+
+def write_config(path: Path, dsn: str, store: Path) -> Path:
+    path.write_text(f"""
+[databases.orders]
+dsn = "{dsn}"
+store = "local"
+
+[stores.local]
+kind = "local"
+path = "{store}"
+""")
+    return path
+
+
+@pytest.fixture(scope="session")
+def e2e_config(e2e_database: str, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    root = tmp_path_factory.mktemp("e2e-config")
+    return write_config(root / "runbooks.toml", e2e_database, root / "backups")
+
+
+def deployments_by_name(client: httpx.Client) -> dict[str, dict[str, Any]]:
+    return {d["name"]: d for d in client.post("/deployments/filter", json={}).json()}
+
+
+def flow_run(client: httpx.Client, run_id: str) -> dict[str, Any]:
+    return client.get(f"/flow_runs/{run_id}").json()
+
+
+def wait_final(client: httpx.Client, run_id: str, timeout: float = 120) -> dict[str, Any]:
+    def final() -> dict[str, Any] | None:
+        run = flow_run(client, run_id)
+        return run if run.get("state_type") in ("COMPLETED", "FAILED", "CRASHED", "CANCELLED") else None
+
+    return wait_for(final, timeout, f"flow run {run_id} to end")
+
+
+@pytest.fixture(scope="session")
+def served(e2e_config: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
+    """`runbooks serve` as a user starts it on one host: no PREFECT_API_URL, so it starts
+    its own Prefect server (UI included) and prints the address."""
+    root = tmp_path_factory.mktemp("served")
+    port = free_port()
+    env = base_env(root / "prefect-home", e2e_config)
+    proc = spawn([str(BIN / "runbooks"), "serve", "--port", str(port)], env, root / "serve.log", cwd=root)
+    url = f"http://127.0.0.1:{port}/api"
+    wait_for(lambda: "Serving " in proc.output() or proc.popen.poll() is not None, 120, "runbooks serve")
+    assert proc.popen.poll() is None, proc.output()
+
+    def registered() -> bool:
+        with httpx.Client(base_url=url, timeout=10) as client:
+            names = set(deployments_by_name(client))
+        return names >= {"backup-orders", "restore-test-orders", "backup-retention", "health-check",
+                         "service-restart-api"}
+
+    wait_for(registered, 60, "runbooks serve to register the deployments")
+    started = time.monotonic()
+    yield {"url": url, "ui": f"http://127.0.0.1:{port}", "env": {**env, "PREFECT_API_URL": url},
+           "proc": proc, "root": root, "started": started}
+    code = proc.stop()
+    out = proc.output()
+    assert code == 0, out[-3000:]
+    assert "was never awaited" not in out and "Traceback" not in out, out[-3000:]

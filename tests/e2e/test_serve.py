@@ -1,0 +1,95 @@
+"""One host: `runbooks serve` starts its Prefect server, registers prefect.yaml as it is,
+and runs what the schedule, `runbooks run` and the REST API start."""
+
+from __future__ import annotations
+
+import time
+
+import yaml
+
+from deployments.spec import PREFECT_YAML
+from tests.e2e.conftest import BIN, deployments_by_name, run, wait_final, wait_for
+
+
+def test_serve_prints_its_server_and_registers_prefect_yaml_as_is(served):
+    out = served["proc"].output()
+    assert f"UI at {served['ui']}" in out and "Serving 5 deployments" in out, out
+    spec = {d["name"]: d for d in yaml.safe_load(PREFECT_YAML.read_text())["deployments"]}
+    with httpx_client(served) as client:
+        registered = deployments_by_name(client)
+    assert set(registered) == set(spec)
+    for name, d in registered.items():
+        want = spec[name]
+        assert [s["schedule"]["cron"] for s in d["schedules"]] == [s["cron"] for s in want.get("schedules", [])]
+        assert all(s["active"] for s in d["schedules"]) and d["paused"] is False, name
+        assert d["tags"] == want["tags"]
+        assert d["global_concurrency_limit"]["limit"] == want["concurrency_limit"]["limit"]
+        assert d["concurrency_options"]["collision_strategy"] == want["concurrency_limit"]["collision_strategy"]
+        assert d["parameters"] == want.get("parameters", {}), name
+        assert d["description"] and "Args:" in d["description"], name  # the flow's docstring
+    form = registered["restore-test-orders"]["parameter_openapi_schema"]["properties"]
+    assert form["database"]["enum"] == ["orders"]  # the configured targets, as a dropdown
+    retention = registered["backup-retention"]
+    assert retention["parameter_openapi_schema"]["properties"]["auto_approve"]["default"] is False
+    assert [s["parameters"] for s in retention["schedules"]] == [{"auto_approve": True}]
+
+
+def httpx_client(served):
+    import httpx
+
+    return httpx.Client(base_url=served["url"], timeout=30)
+
+
+def test_runbooks_run_watch_follows_a_backup_to_its_figures(served):
+    proc = run([str(BIN / "runbooks"), "run", "backup-orders", "--watch"], served["env"])
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    out = proc.stdout
+    assert "started run" in out and "Stored size:" in out and "Throughput:" in out, out
+    assert out.strip().splitlines()[-1].endswith(": completed"), out
+    assert "Traceback" not in out + proc.stderr
+
+
+def test_runbooks_run_refuses_bad_parameters_before_a_run_exists(served):
+    with httpx_client(served) as client:
+        before = client.post("/flow_runs/count", json={}).json()
+    for args, expected in [(["-p", "bogus=1"], "unknown parameter 'bogus'"),
+                           (["-p", "dry_run=sometimes"], "parameter 'dry_run': \"sometimes\" is not valid"),
+                           (["-p", "database=elsewhere"], "parameter 'database': \"elsewhere\" is not valid"),
+                           (["-p", "novalue"], "--param 'novalue': expected key=value")]:
+        proc = run([str(BIN / "runbooks"), "run", "backup-orders", *args], served["env"])
+        assert proc.returncode == 2, proc.stdout + proc.stderr
+        assert proc.stderr.strip().splitlines() == [proc.stderr.strip()] and expected in proc.stderr, proc.stderr
+        assert proc.stdout == ""
+    proc = run([str(BIN / "runbooks"), "run", "no-such-deployment"], served["env"])
+    assert proc.returncode == 2 and "unknown deployment 'no-such-deployment' (known: backup-orders" in proc.stderr
+    with httpx_client(served) as client:
+        assert client.post("/flow_runs/count", json={}).json() == before
+
+
+def test_a_run_created_through_the_rest_api_runs_on_serve(served):
+    with httpx_client(served) as client:
+        deployment = deployments_by_name(client)["backup-retention"]
+        created = time.monotonic()
+        response = client.post(f"/deployments/{deployment['id']}/create_flow_run",
+                               json={"parameters": {"dry_run": True}})
+        assert response.status_code == 201, response.text
+        final = wait_final(client, response.json()["id"])
+        assert final["state_type"] == "COMPLETED", final["state"]
+        assert final["start_time"] is not None
+        assert time.monotonic() - created < 60
+
+
+def test_the_every_minute_schedule_fires_on_its_own(served):
+    """The health check's real schedule from prefect.yaml (every minute), no override."""
+    with httpx_client(served) as client:
+        deployment = deployments_by_name(client)["health-check"]
+
+        def fired():
+            runs = client.post("/flow_runs/filter", json={
+                "flow_runs": {"deployment_id": {"any_": [deployment["id"]]}, "state": {"type": {"any_": ["COMPLETED"]}}}
+            }).json()
+            return [r for r in runs if r["auto_scheduled"]]
+
+        remaining = 90 - (time.monotonic() - served["started"])
+        runs = wait_for(fired, max(remaining, 5), "a scheduled health-check run to complete", every=2)
+        assert runs[0]["created_by"] is None or runs[0]["created_by"].get("type") != "USER"
