@@ -65,5 +65,20 @@ def _serve(port: int, poll_seconds: float, say) -> None:
         stack.enter_context(temporary_settings({PREFECT_API_URL: url}))
         say(f"Serving {len(deployments)} deployments: "
             + ", ".join(d.name for d in deployments) + f" (polling every {poll_seconds:g} s)")
-        serve(*deployments, print_starting_message=False, query_seconds=poll_seconds)
+        try:
+            serve(*deployments, print_starting_message=False, query_seconds=poll_seconds)
+        except (_Stopped, SystemExit):  # SIGTERM while the runner was still starting
+            _pause(deployments)  # as its own stop would
         say("runbooks serve stopped; its deployments are paused until it serves them again")
+
+
+def _pause(deployments: list) -> None:
+    from prefect.client.orchestration import get_client
+    from prefect.exceptions import ObjectNotFound
+
+    with get_client(sync_client=True) as client:
+        for d in deployments:
+            try:
+                client.pause_deployment(client.read_deployment_by_name(f"{d.flow_name}/{d.name}").id)
+            except ObjectNotFound:
+                pass  # not registered yet

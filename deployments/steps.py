@@ -44,10 +44,11 @@ def _fail_run(message: str) -> None:
     from prefect.logging.handlers import APILogHandler
     from prefect.logging.loggers import flow_run_logger
     from prefect.states import Failed
+    from prefect.utilities.asyncutils import run_coro_as_sync
 
     with get_client(sync_client=True) as client:
         flow_run_logger(client.read_flow_run(UUID(run_id))).error(message)
         client.set_flow_run_state(UUID(run_id), Failed(message=message), force=True)
-    APILogHandler.flush()
+    run_coro_as_sync(APILogHandler.aflush())
     sys.stderr.flush()
     os._exit(0)  # the run is already Failed; a raise here would print tracebacks and mark it Crashed

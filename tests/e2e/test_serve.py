@@ -3,12 +3,16 @@ and runs what the schedule, `runbooks run` and the REST API start."""
 
 from __future__ import annotations
 
+import signal
 import time
 
 import yaml
 
 from deployments.spec import PREFECT_YAML
-from tests.e2e.conftest import BIN, deployments_by_name, run, wait_final, wait_for
+from tests.e2e.conftest import (BIN, base_env, deployments_by_name, run, spawn, start_server, wait_final,
+                                wait_for)
+
+NAMES = {"backup-orders", "restore-test-orders", "backup-retention", "health-check", "service-restart-api"}
 
 
 def test_serve_prints_its_server_and_registers_prefect_yaml_as_is(served):
@@ -93,3 +97,35 @@ def test_the_every_minute_schedule_fires_on_its_own(served):
         remaining = 90 - (time.monotonic() - served["started"])
         runs = wait_for(fired, max(remaining, 5), "a scheduled health-check run to complete", every=2)
         assert runs[0]["created_by"] is None or runs[0]["created_by"].get("type") != "USER"
+
+
+def test_serve_restarted_against_a_server_keeps_every_schedule_active(e2e_config, tmp_path):
+    """`runbooks serve` with PREFECT_API_URL set uses that server; its stop pauses the
+    deployments and its next start brings them back, schedules active."""
+    server = start_server(tmp_path / "server-home")  # a server of its own, as a user's
+    env = base_env(tmp_path / "client", e2e_config, server.url)
+    try:
+        _restart_twice(server, env, tmp_path)
+    finally:
+        server.stop()
+
+
+def _restart_twice(server, env, tmp_path):
+    for attempt in (1, 2):
+        proc = spawn([str(BIN / "runbooks"), "serve"], env, tmp_path / f"serve-{attempt}.log", cwd=tmp_path)
+        with server.api() as client:
+            def served() -> bool:
+                ds = deployments_by_name(client)
+                return set(ds) == NAMES and all(not d["paused"] for d in ds.values())
+
+            wait_for(served, 90, f"serve (start {attempt}) to register every deployment unpaused")
+            wait_for(lambda: "Serving 5 deployments" in proc.output(), 30, "serve's start message")
+            assert f"Prefect server: {server.url} (PREFECT_API_URL)" in proc.output()
+            assert proc.stop(signal.SIGTERM) == 0
+            out = proc.output()
+            assert "was never awaited" not in out and "Traceback" not in out, out
+            ds = deployments_by_name(client)
+            assert all(d["paused"] for d in ds.values()), "a stopped serve leaves its deployments paused"
+    with server.api() as client:
+        assert all(s["active"] for d in deployments_by_name(client).values() for s in d["schedules"])
+
