@@ -144,7 +144,8 @@ def check_against_schema(label: str, schema: dict[str, Any], params: dict[str, A
 
 def form_schema(schema: dict[str, Any], targets: dict[str, list[str]]) -> dict[str, Any]:
     """The parameter form as a person should see it: `X | None` as a plain optional X
-    (no type switch), and target parameters as dropdowns of the configured names."""
+    (Prefect's UI shows a type switch for it, and rejects an empty field whose default
+    is null), and target parameters as dropdowns of the configured names."""
     schema = copy.deepcopy(schema)
     for name, prop in schema.get("properties", {}).items():
         variants = prop.get("anyOf")
@@ -153,6 +154,8 @@ def form_schema(schema: dict[str, Any], targets: dict[str, list[str]]) -> dict[s
             if len(real) == 1 and len(real) < len(variants):
                 prop.pop("anyOf")
                 prop.update(real[0])
+                if prop.get("default", "") is None:
+                    prop.pop("default")  # left empty, the field is left out: the flow's None
         kind = TARGET_PARAMETERS.get(name)
         if kind and targets.get(kind) and prop.get("type") == "string":
             prop["enum"] = sorted(targets[kind])

@@ -49,7 +49,7 @@ def test_each_flow_installs_the_filter_where_a_runner_loads_it():
 
     import yaml
 
-    from deployments.serve import PROJECT
+    from deployments.spec import PROJECT
 
     check = """
 import logging, sys

@@ -1,0 +1,100 @@
+"""The Prefect UI served by `runbooks serve`, in a real browser (Debian's chromium driven
+by playwright): start a restore test from its form, see it complete, read its report.
+Screenshots go to test-output/ui/."""
+
+from __future__ import annotations
+
+import shutil
+from collections.abc import Iterator
+
+import pytest
+
+from deployments.spec import PROJECT
+from tests.conftest import need
+from tests.e2e.conftest import BIN, deployments_by_name, run, wait_final, wait_for
+
+SHOTS = PROJECT / "test-output" / "ui"
+CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
+# Without the networking flags chromium keeps dialling hosts this machine cannot reach.
+FLAGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-sync",
+         "--disable-background-networking", "--disable-component-update"]
+
+
+@pytest.fixture(scope="module")
+def page() -> Iterator:
+    need(shutil.which("chromium") is not None, "chromium is not installed (apt-get install chromium)")
+    from playwright.sync_api import sync_playwright
+
+    SHOTS.mkdir(parents=True, exist_ok=True)
+    with sync_playwright() as pw:
+        browser = pw.chromium.launch(executable_path=CHROMIUM, args=FLAGS)
+        page = browser.new_page(viewport={"width": 1400, "height": 1100})
+        page.set_default_timeout(30_000)
+        yield page
+        browser.close()
+
+
+def _custom_run_form(page, served, deployment: str) -> None:
+    page.goto(f"{served['ui']}/deployments")
+    page.get_by_role("link", name=deployment, exact=True).click()
+    page.get_by_role("button", name="Run", exact=True).click()
+    page.get_by_text("Custom run").click()
+    page.get_by_text("Parameters", exact=True).wait_for()
+    page.wait_for_load_state("networkidle")
+
+
+def test_restore_test_started_from_its_form_completes_with_its_report(served, page):
+    backup = run([str(BIN / "runbooks"), "run", "backup-orders", "--watch"], served["env"])
+    assert backup.returncode == 0, backup.stdout + backup.stderr
+
+    _custom_run_form(page, served, "restore-test-orders")
+    page.get_by_text("The database target whose backup is tested").wait_for()
+    page.get_by_text("One backup to test").wait_for()
+    assert page.get_by_text("orders", exact=True).count() >= 1  # the dropdown shows the configured target
+    assert page.get_by_role("button", name="str").count() == 0, "an optional field renders as a type switch"
+    page.screenshot(path=str(SHOTS / "1-restore-test-form.png"), full_page=True)
+
+    with served_client(served) as client:
+        before = {r["id"] for r in _runs(client, "restore-test-orders")}
+    page.get_by_role("button", name="Submit").click()
+    try:
+        page.wait_for_url(lambda url: not url.split("?")[0].endswith("/run"), timeout=30_000)
+    finally:
+        page.screenshot(path=str(SHOTS / "1b-after-submit.png"), full_page=True)
+    with served_client(served) as client:
+        new = wait_for(lambda: [r for r in _runs(client, "restore-test-orders")
+                                if r["id"] not in before and not r["auto_scheduled"]],
+                       30, "the run the form created")
+        final = wait_final(client, new[0]["id"], timeout=120)
+    assert final["state_type"] == "COMPLETED", final["state"]
+
+    page.goto(f"{served['ui']}/runs/flow-run/{final['id']}")
+    page.get_by_text("Completed").first.wait_for()
+    page.screenshot(path=str(SHOTS / "2-restore-test-run.png"), full_page=True)
+    page.get_by_text("Artifacts", exact=True).click()
+    page.get_by_text("Restore test of orders: passed").click()  # the report card
+    page.screenshot(path=str(SHOTS / "3a-artifacts.png"), full_page=True)
+    page.get_by_text("Time to verified (measured RTO)").wait_for()
+    assert page.get_by_text("Outcome:").count() >= 1
+    page.screenshot(path=str(SHOTS / "3-restore-test-report.png"), full_page=True)
+
+
+def test_the_retention_form_asks_before_it_deletes(served, page):
+    _custom_run_form(page, served, "backup-retention")
+    page.get_by_text("Delete without asking").wait_for()
+    switches = page.get_by_role("switch")
+    states = [switches.nth(i).is_checked() for i in range(switches.count())]
+    assert states and not any(states), f"a switch opens on: {states}"
+    page.screenshot(path=str(SHOTS / "4-retention-form.png"), full_page=True)
+
+
+def served_client(served):
+    import httpx
+
+    return httpx.Client(base_url=served["url"], timeout=30)
+
+
+def _runs(client, deployment: str) -> list[dict]:
+    dep = deployments_by_name(client)[deployment]
+    return client.post("/flow_runs/filter", json={"flow_runs": {"deployment_id": {"any_": [dep["id"]]}},
+                                                 "sort": "EXPECTED_START_TIME_DESC"}).json()
