@@ -35,8 +35,8 @@ from prefect.logging import get_logger
 from tasks.errors import RunbookError
 
 LEASE_SECONDS = 60       # Prefect's lease (its minimum); renewed while the holder lives
-HEARTBEAT_SECONDS = 10   # the holder's record is refreshed this often
-STALE_SECONDS = 30       # a record older than this belongs to a holder that is gone
+HEARTBEAT_SECONDS = 5    # the holder's record is refreshed this often
+STALE_SECONDS = 20       # a record older than this belongs to a holder that is gone
 REPORT_SECONDS = 30      # a waiting run says who it waits for this often
 TRY_SECONDS = 5          # one acquisition attempt, between checks of the holder
 ENDED = {"COMPLETED", "FAILED", "CRASHED", "CANCELLED"}

@@ -53,6 +53,9 @@ def test_errors_are_one_line_without_traceback(sample_db, tmp_path, write_config
     path = write_config(local_config(sample_db, tmp_path / "store"))
     env = {"RUNBOOKS_CONFIG": str(path)}
     for args, expected in [(("backups", "show", "../../etc/passwd"), "is not a backup id"),
+                           (("restore-test", "orders", "--backup-id", ""), "'' is not a backup id"),
+                           (("retention", "--database", ""), "unknown database ''"),
+                           (("restart", ""), "unknown service ''"),
                            (("backup", "ordrs"), "unknown database 'ordrs' (known: orders)"),
                            (("backups", "show", "orders-20260101T000000Z-abcd"), "no backup")]:
         proc = _cli(*args, env=env)

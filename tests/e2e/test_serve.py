@@ -53,6 +53,13 @@ def test_runbooks_run_watch_follows_a_backup_to_its_figures(served):
     assert "Traceback" not in out + proc.stderr
 
 
+def test_runbooks_run_watch_exits_2_on_an_operator_error(served):
+    proc = run([str(BIN / "runbooks"), "run", "restore-test-orders", "--watch",
+                "-p", "backup_id=orders-20990101T000000Z-dead"], served["env"])
+    assert proc.returncode == 2, proc.stdout + proc.stderr
+    assert "BackupNotFound: no backup 'orders-20990101T000000Z-dead'" in proc.stdout.strip().splitlines()[-1]
+
+
 def test_runbooks_run_refuses_bad_parameters_before_a_run_exists(served):
     with httpx_client(served) as client:
         before = client.post("/flow_runs/count", json={}).json()

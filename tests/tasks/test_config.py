@@ -135,3 +135,21 @@ controller = { kind = "systemd", unit = "api.service" }
     write_config(GOOD + service + "error_rate_threshold = 5\n")
     with pytest.raises(ConfigError, match="services.api.error_rate_threshold: Input should be less than or equal to 1"):
         load_settings()
+
+
+@pytest.mark.parametrize("section, name", [("databases", "../evil"), ("databases", "or'ders"),
+                                           ("databases", "my db"), ("stores", "Primary"),
+                                           ("services", "-api"), ("databases", "x" * 49)])
+def test_target_names_are_checked_when_the_file_loads(write_config, section, name):
+    body = {"databases": 'dsn = "postgresql://u@h/db"\nstore = "s"\n[stores.s]\nkind = "local"\npath = "b"',
+            "stores": 'kind = "local"\npath = "b"',
+            "services": 'base_url = "http://127.0.0.1:1"\ncontroller = { kind = "systemd", unit = "a.service" }'}
+    write_config(f'[{section}."{name}"]\n{body[section]}\n')
+    with pytest.raises(ConfigError) as err:
+        load_settings()
+    assert f"{section}: {name!r} is not a valid target name (use lowercase letters" in str(err.value)
+
+
+def test_ordinary_target_names_load(write_config):
+    write_config('[databases.orders-eu_2]\ndsn = "postgresql://u@h/db"\n')
+    assert list(load_settings().databases) == ["orders-eu_2"]
