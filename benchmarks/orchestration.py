@@ -50,6 +50,16 @@ class Bench:
     def deployment_id(self, api: httpx.Client, name: str) -> str:
         return next(d["id"] for d in api.post("/deployments/filter", json={}).json() if d["name"] == name)
 
+    def create(self, api: httpx.Client, deployment_id: str, parameters: dict) -> str:
+        for attempt in range(5):  # as Prefect's own client does: a busy SQLite answers 503
+            response = api.post(f"/deployments/{deployment_id}/create_flow_run", json={"parameters": parameters})
+            if response.status_code not in (502, 503):
+                break
+            time.sleep(0.5 * 2 ** attempt)
+        if response.status_code != 201:
+            raise SystemExit(f"create_flow_run answered {response.status_code}: {response.text[:300]}")
+        return response.json()["id"]
+
     def wait(self, api: httpx.Client, run_id: str, timeout: float = 120) -> dict:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
@@ -67,7 +77,7 @@ class Bench:
         for _ in range(runs):
             t0 = time.time()
             if how == "rest":
-                rid = api.post(f"/deployments/{dep}/create_flow_run", json={}).json()["id"]
+                rid = self.create(api, dep, {})
             else:
                 out = run([str(BIN / "runbooks"), "run", "backup-orders"], env)
                 rid = re.search(r"\(([0-9a-f-]{36})\)", out.stdout).group(1)
@@ -83,11 +93,17 @@ class Bench:
         """Short runs (retention dry runs of every database) completed per minute."""
         dep = self.deployment_id(api, "backup-retention")
         t0 = time.time()
-        ids = [api.post(f"/deployments/{dep}/create_flow_run", json={"parameters": {"dry_run": True}}).json()["id"]
-               for _ in range(count)]
+        ids = [self.create(api, dep, {"dry_run": True}) for _ in range(count)]
         finals = [self.wait(api, rid, timeout=600) for rid in ids]
         assert all(f["state_type"] == "COMPLETED" for f in finals)
         return count / ((max(ts(f["end_time"]) for f in finals) - t0) / 60)
+
+    def measure(self, api: httpx.Client, env: dict, runs: int, count: int, cli: bool) -> dict:
+        out: dict = {"rest": self.latency(api, env, "rest", runs)}
+        if cli:
+            out["runbooks run"] = self.latency(api, env, "cli", runs)
+        out["runs_per_minute"] = self.throughput(api, count)
+        return out
 
     def on_serve(self, poll: float, runs: int, count: int, cli: bool) -> dict:
         server = start_server(self.root / f"serve-{poll}")
@@ -98,11 +114,7 @@ class Bench:
             with server.api() as api:
                 while len(api.post("/deployments/filter", json={}).json()) < 5:
                     time.sleep(0.5)
-                out = {"rest": self.latency(api, env, "rest", runs)}
-                if cli:
-                    out["runbooks run"] = self.latency(api, env, "cli", runs)
-                out["runs_per_minute"] = self.throughput(api, count)
-            return out
+                return self.measure(api, env, runs, count, cli)
         finally:
             proc.stop()
             server.stop()
@@ -119,11 +131,7 @@ class Bench:
             while not all("started" in w.output() for w in workers):
                 time.sleep(0.5)
             with server.api() as api:
-                out = {"rest": self.latency(api, env, "rest", runs)}
-                if cli:
-                    out["runbooks run"] = self.latency(api, env, "cli", runs)
-                out["runs_per_minute"] = self.throughput(api, count)
-            return out
+                return self.measure(api, env, runs, count, cli)
         finally:
             for w in workers:
                 w.stop()
@@ -146,12 +154,16 @@ def main() -> None:
         with tempfile.TemporaryDirectory(prefix="rb-bench-") as tmp:
             root = Path(tmp)
             bench = Bench(root, write_config(root / "runbooks.toml", dsn, root / "backups"))
-            results = {
-                "serve, --poll-seconds 1 (ours)": bench.on_serve(1, args.runs, args.throughput, cli=True),
-                "serve, poll 10 s (Prefect's default)": bench.on_serve(10, args.runs, args.throughput, cli=False),
-                "2 workers, PREFECT_WORKER_QUERY_SECONDS=1": bench.on_workers(1, args.runs, args.throughput, cli=True),
-                "2 workers, default (10 s)": bench.on_workers(None, args.runs, args.throughput, cli=False),
+            plan = {
+                "serve, --poll-seconds 1 (ours)": lambda: bench.on_serve(1, args.runs, args.throughput, cli=True),
+                "serve, poll 10 s (Prefect's default)": lambda: bench.on_serve(10, args.runs, args.throughput, cli=False),
+                "2 workers, PREFECT_WORKER_QUERY_SECONDS=1": lambda: bench.on_workers(1, args.runs, args.throughput, cli=True),
+                "2 workers, default (10 s)": lambda: bench.on_workers(None, args.runs, args.throughput, cli=False),
             }
+            results = {}
+            for setup, measure in plan.items():
+                print(f"measuring: {setup} ...", flush=True)
+                results[setup] = measure()
     finally:
         with psycopg.connect(ADMIN, autocommit=True) as conn:
             for (db,) in conn.execute("SELECT datname FROM pg_database WHERE datname LIKE %s", (f"{name}%",)):

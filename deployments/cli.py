@@ -255,7 +255,8 @@ def run_deployment(name: str = typer.Argument(..., help="deployment name from pr
 
 @app.command("serve")
 def serve(port: int = typer.Option(4200, help="port of the local Prefect server, when one is started"),
-          poll_seconds: float = typer.Option(1.0, help="how often to look for runs to start")) -> None:
+          poll_seconds: float = typer.Option(1.0, envvar="RUNBOOKS_SERVE_POLL_SECONDS",
+                                             help="how often to look for runs to start")) -> None:
     """Serve every deployment in prefect.yaml (schedules included) from this process.
     Uses PREFECT_API_URL when set; otherwise starts a local Prefect server with its UI."""
     from deployments.serve import serve_all

@@ -22,6 +22,10 @@ PREFECT_YAML = PROJECT / "prefect.yaml"
 TARGET_PARAMETERS = {"database": "databases", "service": "services", "store": "stores"}
 
 
+# Settings of an entry that only `prefect deploy` and its workers use.
+WORKER_ONLY = {"work_pool", "pull", "build", "push", "version"}
+
+
 class DeploymentSpec(BaseModel):
     """One entry of prefect.yaml, as far as we read it."""
 
@@ -52,6 +56,11 @@ def read_specs(path: Path = PREFECT_YAML) -> list[DeploymentSpec]:
     out = []
     for i, entry in enumerate(data.get("deployments") or []):
         label = entry.get("name") if isinstance(entry, dict) else None
+        if isinstance(entry, dict):
+            unserved = sorted(set(entry) - set(DeploymentSpec.model_fields) - WORKER_ONLY)
+            if unserved:
+                raise ConfigError(f"{path.name}: deployment {label}: {unserved[0]}: not a setting "
+                                  f"runbooks serve knows (it serves: {', '.join(DeploymentSpec.model_fields)})")
         try:
             out.append(DeploymentSpec.model_validate(
                 {k: v for k, v in entry.items() if k in DeploymentSpec.model_fields}))

@@ -92,6 +92,7 @@ def _bad_yaml(tmp_path: Path, change) -> Path:
     (lambda ds: ds[2]["schedules"][0]["parameters"].update(auto_aprove=True), "deployment backup-retention: schedule 1 parameters: unknown parameter 'auto_aprove'"),
     (lambda ds: ds[3].update(concurrency_limit={"limit": 1, "collision_strategy": "SOMETIMES"}), "deployment health-check: concurrency_limit"),
     (lambda ds: ds.append(dict(ds[0])), "deployment names used twice: backup-orders"),
+    (lambda ds: ds[4].update(triggers=[{"enabled": True}]), "deployment service-restart-api: triggers: not a setting runbooks serve knows"),
 ])
 def test_a_bad_entry_is_refused_naming_it(tmp_path, change, expected):
     path = _bad_yaml(tmp_path, change)
