@@ -75,14 +75,14 @@ def watch(run_id: UUID, say: Callable[[str], None]) -> int:
     """Follow the run until it ends; returns the exit code."""
     from prefect.client.orchestration import get_client
     from prefect.client.schemas.filters import (FlowRunFilter, FlowRunFilterId, LogFilter,
-                                                LogFilterFlowRunId)
+                                                LogFilterFlowRunId, LogFilterTimestamp)
     from prefect.client.schemas.sorting import LogSort
     from prefect.settings import PREFECT_API_URL, temporary_settings
 
     url = require_server()
     seen_logs: set[UUID] = set()
     task_states: dict[UUID, str] = {}
-    last_state, drained = "", False
+    last_state, drained, since = "", False, None
     with temporary_settings({PREFECT_API_URL: url}), get_client(sync_client=True) as client:
         while True:
             run = client.read_flow_run(run_id)
@@ -95,11 +95,13 @@ def watch(run_id: UUID, say: Callable[[str], None]) -> int:
                 if task_states.get(task.id) != tstate:
                     task_states[task.id] = tstate
                     say(f"  task {task.name}: {tstate}")
-            logs = client.read_logs(log_filter=LogFilter(flow_run_id=LogFilterFlowRunId(any_=[run_id])),
+            logs = client.read_logs(log_filter=LogFilter(flow_run_id=LogFilterFlowRunId(any_=[run_id]),
+                                                         timestamp=LogFilterTimestamp(after_=since)),
                                     sort=LogSort.TIMESTAMP_ASC, limit=200)
             for log in logs:
                 if log.id not in seen_logs:
                     seen_logs.add(log.id)
+                    since = log.timestamp
                     say(f"  {log.timestamp:%H:%M:%S} {log.message.splitlines()[0] if log.message else ''}")
             if run.state and run.state.is_final():
                 if drained:

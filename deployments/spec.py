@@ -77,7 +77,7 @@ def find_spec(name: str, path: Path = PREFECT_YAML) -> DeploymentSpec:
     """The deployment `name` (or `flow-name/name`); the error lists the known names."""
     specs = read_specs(path)
     for spec in specs:
-        if name in (spec.name, f"{spec.entrypoint}", spec.full_name):
+        if name == spec.name or ("/" in name and name == spec.full_name):
             return spec
     raise ConfigError(f"unknown deployment {name!r} (known: {', '.join(s.name for s in specs)})")
 

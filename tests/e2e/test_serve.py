@@ -80,14 +80,12 @@ def test_runbooks_run_refuses_bad_parameters_before_a_run_exists(served):
 def test_a_run_created_through_the_rest_api_runs_on_serve(served):
     with httpx_client(served) as client:
         deployment = deployments_by_name(client)["backup-retention"]
-        created = time.monotonic()
         response = client.post(f"/deployments/{deployment['id']}/create_flow_run",
                                json={"parameters": {"dry_run": True}})
         assert response.status_code == 201, response.text
         final = wait_final(client, response.json()["id"])
         assert final["state_type"] == "COMPLETED", final["state"]
         assert final["start_time"] is not None
-        assert time.monotonic() - created < 60
 
 
 def test_the_every_minute_schedule_fires_on_its_own(served):

@@ -131,9 +131,8 @@ def test_a_server_restart_while_a_slot_is_held_leaks_nothing(big_database, tmp_p
         assert "released" in holder.output()
         with server.api() as client:
             assert client.get("/v2/concurrency_limits/database:orders").json()["active_slots"] == 0
-        t0 = time.monotonic()
-        proc = run([str(BIN / "runbooks"), "backup", "orders"], env)
-        assert proc.returncode == 0 and "waiting for" not in proc.stdout + proc.stderr, proc.stdout + proc.stderr
-        assert time.monotonic() - t0 < 30
+        proc = run([str(BIN / "runbooks"), "backup", "orders"], env)  # takes the slot at once
+        out = proc.stdout + proc.stderr
+        assert proc.returncode == 0 and "waiting for" not in out and "freed the slot" not in out, out
     finally:
         server.stop()
