@@ -19,6 +19,7 @@ import typer  # noqa: E402
 from rich.console import Console  # noqa: E402
 from rich.table import Table  # noqa: E402
 
+from deployments.serve import POLL_SECONDS  # noqa: E402
 from tasks import backups, postgres  # noqa: E402
 from tasks.config import Settings, config_path, load_settings  # noqa: E402
 from tasks.probes import failures, probe_all  # noqa: E402
@@ -255,7 +256,7 @@ def run_deployment(name: str = typer.Argument(..., help="deployment name from pr
 
 @app.command("serve")
 def serve(port: int = typer.Option(4200, help="port of the local Prefect server, when one is started"),
-          poll_seconds: float = typer.Option(1.0, envvar="RUNBOOKS_SERVE_POLL_SECONDS",
+          poll_seconds: float = typer.Option(POLL_SECONDS, envvar="RUNBOOKS_SERVE_POLL_SECONDS",
                                              help="how often to look for runs to start")) -> None:
     """Serve every deployment in prefect.yaml (schedules included) from this process.
     Uses PREFECT_API_URL when set; otherwise starts a local Prefect server with its UI."""
