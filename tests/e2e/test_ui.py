@@ -4,6 +4,7 @@ Screenshots go to test-output/ui/."""
 
 from __future__ import annotations
 
+import re
 import shutil
 from collections.abc import Iterator
 
@@ -46,12 +47,14 @@ def _custom_run_form(page, served, deployment: str) -> None:
 def test_restore_test_started_from_its_form_completes_with_its_report(served, page):
     backup = run([str(BIN / "runbooks"), "run", "backup-orders", "--watch"], served["env"])
     assert backup.returncode == 0, backup.stdout + backup.stderr
+    backup_id = re.search(r"Backup id: (\S+)", backup.stdout).group(1)
 
     _custom_run_form(page, served, "restore-test-orders")
     page.get_by_text("The database target whose backup is tested").wait_for()
     page.get_by_text("One backup to test").wait_for()
     assert page.get_by_text("orders", exact=True).count() >= 1  # the dropdown shows the configured target
     assert page.get_by_role("button", name="str").count() == 0, "an optional field renders as a type switch"
+    page.locator("textarea").first.fill(backup_id)  # backup_id: this very backup, not just the newest
     page.screenshot(path=str(SHOTS / "1-restore-test-form.png"), full_page=True)
 
     with served_client(served) as client:
@@ -67,6 +70,8 @@ def test_restore_test_started_from_its_form_completes_with_its_report(served, pa
                        30, "the run the form created")
         final = wait_final(client, new[0]["id"], timeout=120)
     assert final["state_type"] == "COMPLETED", final["state"]
+    assert {k: final["parameters"].get(k) for k in ("database", "backup_id", "dry_run")} == \
+        {"database": "orders", "backup_id": backup_id, "dry_run": False}
 
     page.goto(f"{served['ui']}/runs/flow-run/{final['id']}")
     page.get_by_text("Completed").first.wait_for()
@@ -75,6 +80,7 @@ def test_restore_test_started_from_its_form_completes_with_its_report(served, pa
     page.get_by_text("Restore test of orders: passed").click()  # the report card
     page.screenshot(path=str(SHOTS / "3a-artifacts.png"), full_page=True)
     page.get_by_text("Time to verified (measured RTO)").wait_for()
+    assert page.get_by_text(backup_id).count() >= 1  # the report names the backup the form chose
     assert page.get_by_text("Outcome:").count() >= 1
     page.screenshot(path=str(SHOTS / "3-restore-test-report.png"), full_page=True)
 
