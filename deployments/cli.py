@@ -248,10 +248,10 @@ def run_deployment(name: str = typer.Argument(..., help="deployment name from pr
     started); parameters are checked first. --watch: exit 0 completed, 1 failed, 2 operator error."""
     from deployments import run
 
-    flow_run, url = run.start(name, run.parse_params(param))
-    out.print(f"started run {flow_run.name} ({flow_run.id}) of {name}: {url}")
+    flow_run, api_url = run.start(name, run.parse_params(param))
+    out.print(f"started run {flow_run.name} ({flow_run.id}) of {name}: {run.run_page(api_url, flow_run.id)}")
     if watch:
-        raise typer.Exit(run.watch(flow_run.id, say=out.print))
+        raise typer.Exit(run.watch(flow_run.id, api_url, say=out.print))
 
 
 @app.command("serve")

@@ -35,7 +35,7 @@ def parse_params(pairs: list[str]) -> dict[str, Any]:
 
 
 def start(name: str, params: dict[str, Any]) -> tuple[Any, str]:
-    """Create a run of deployment `name`; returns (flow run, its UI URL)."""
+    """Create a run of deployment `name`; returns (flow run, the server's API URL)."""
     from prefect.client.orchestration import get_client
     from prefect.exceptions import ObjectNotFound
     from prefect.settings import PREFECT_API_URL, temporary_settings
@@ -50,7 +50,11 @@ def start(name: str, params: dict[str, Any]) -> tuple[Any, str]:
                                "is `runbooks serve` (or `prefect deploy --all`) running against it?") from None
         check_against_schema(spec.name, deployment.parameter_openapi_schema or {}, params)
         run = client.create_flow_run_from_deployment(deployment.id, parameters=params)
-    return run, f"{url.removesuffix('/api')}/runs/flow-run/{run.id}"
+    return run, url
+
+
+def run_page(api_url: str, run_id: UUID) -> str:
+    return f"{api_url.removesuffix('/api')}/runs/flow-run/{run_id}"
 
 
 def operator_error(message: str | None) -> bool:
@@ -71,15 +75,14 @@ def _subclasses(cls: type) -> list[type]:
     return out
 
 
-def watch(run_id: UUID, say: Callable[[str], None]) -> int:
-    """Follow the run until it ends; returns the exit code."""
+def watch(run_id: UUID, url: str, say: Callable[[str], None]) -> int:
+    """Follow the run on the server at `url` until it ends; returns the exit code."""
     from prefect.client.orchestration import get_client
     from prefect.client.schemas.filters import (FlowRunFilter, FlowRunFilterId, LogFilter,
                                                 LogFilterFlowRunId, LogFilterTimestamp)
     from prefect.client.schemas.sorting import LogSort
     from prefect.settings import PREFECT_API_URL, temporary_settings
 
-    url = require_server()
     seen_logs: set[UUID] = set()
     task_states: dict[UUID, str] = {}
     last_state, drained, since = "", False, None

@@ -8,9 +8,9 @@ import os
 import signal
 from contextlib import ExitStack
 
-from deployments.server import configured_api_url, healthy, local_server
+from deployments.server import configured_server, local_server
 from deployments.spec import build_deployments, read_specs
-from tasks.errors import ConfigError, RunbookError
+from tasks.errors import ConfigError
 
 POLL_SECONDS = 1.0  # Prefect's runner default is 10 s: a run would wait that long to start
 
@@ -52,10 +52,8 @@ def _serve(port: int, poll_seconds: float, say) -> None:
         raise ConfigError("--poll-seconds must be more than 0")
     deployments = build_deployments(read_specs(), configured_targets())  # before any server
     with ExitStack() as stack:
-        url = configured_api_url()
+        url = configured_server()
         if url:
-            if not healthy(url):
-                raise RunbookError(f"no Prefect server answers at PREFECT_API_URL={url}")
             say(f"Prefect server: {url} (PREFECT_API_URL)")
         else:
             url = stack.enter_context(local_server(port))

@@ -40,12 +40,18 @@ def healthy(api_url: str, timeout: float = 3.0) -> bool:
         return False
 
 
+def configured_server() -> str | None:
+    """PREFECT_API_URL when it is set (a clear error when nothing answers there), else None."""
+    url = configured_api_url()
+    if url and not healthy(url):
+        raise RunbookError(f"no Prefect server answers at PREFECT_API_URL={url}")
+    return url
+
+
 def require_server() -> str:
     """The API URL the CLI's runs go to; a clear error when no server answers there."""
-    url = configured_api_url()
+    url = configured_server()
     if url:
-        if not healthy(url):
-            raise RunbookError(f"no Prefect server answers at PREFECT_API_URL={url}")
         return url
     url = local_api_url()
     if not healthy(url):

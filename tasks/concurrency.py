@@ -24,6 +24,7 @@ from datetime import datetime, timezone
 from typing import Any
 from uuid import UUID
 
+import httpx
 from prefect.client.orchestration import SyncPrefectClient, get_client
 from prefect.client.schemas.objects import ConcurrencyLeaseHolder
 from prefect.concurrency._sync import (acquire_concurrency_slots_with_lease,
@@ -93,13 +94,15 @@ def _write_holder(client: SyncPrefectClient, lock: str, holder: dict[str, Any]) 
     from prefect.client.schemas.actions import VariableCreate, VariableUpdate
 
     name, value = record_name(lock), json.dumps({**holder, "heartbeat": _now()})
-    if client.read_variable_by_name(name) is not None:
-        client.update_variable(VariableUpdate(name=name, value=value))
-        return
     try:
-        client.create_variable(VariableCreate(name=name, value=value))
-    except ObjectAlreadyExists:
         client.update_variable(VariableUpdate(name=name, value=value))
+    except httpx.HTTPStatusError as exc:
+        if exc.response.status_code != 404:
+            raise
+        try:
+            client.create_variable(VariableCreate(name=name, value=value))
+        except ObjectAlreadyExists:
+            client.update_variable(VariableUpdate(name=name, value=value))
 
 
 def _drop_holder(client: SyncPrefectClient, lock: str, lease_id: str) -> None:

@@ -9,10 +9,8 @@ import time
 import yaml
 
 from deployments.spec import PREFECT_YAML
-from tests.e2e.conftest import (BIN, base_env, deployments_by_name, run, spawn, start_server, wait_final,
-                                wait_for)
-
-NAMES = {"backup-orders", "restore-test-orders", "backup-retention", "health-check", "service-restart-api"}
+from tests.e2e.conftest import (BIN, NAMES, base_env, deployments_by_name, run, spawn, start_server,
+                                wait_final, wait_for)
 
 
 def test_serve_prints_its_server_and_registers_prefect_yaml_as_is(served):

@@ -15,10 +15,9 @@ import psycopg
 import pytest
 
 from deployments.spec import PROJECT
-from tests.e2e.conftest import (BIN, Server, base_env, deployments_by_name, run, spawn, start_server,
+from tests.e2e.conftest import (BIN, NAMES, Server, base_env, deployments_by_name, run, spawn, start_server,
                                 wait_final, wait_for)
 
-NAMES = {"backup-orders", "restore-test-orders", "backup-retention", "health-check", "service-restart-api"}
 
 
 @pytest.fixture(scope="module")
@@ -46,12 +45,8 @@ def state() -> dict[str, Any]:
     return {}
 
 
-def _env(pg_server: Server, config: Path, home: Path) -> dict[str, str]:
-    return base_env(home, config, pg_server.url)
-
-
 def test_deploy_all_registers_every_deployment(pg_server, e2e_config, tmp_path, state):
-    env = _env(pg_server, e2e_config, tmp_path / "client")
+    env = base_env(tmp_path / "client", e2e_config, pg_server.url)
     state["env"] = env
     pool = run([str(BIN / "prefect"), "work-pool", "create", "runbooks", "--type", "process", "--overwrite"], env)
     assert pool.returncode == 0, pool.stdout + pool.stderr
