@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import secrets
 import sys
-import shutil
-import tempfile
 import time
 from datetime import datetime, timezone
 from pathlib import Path
@@ -20,6 +18,8 @@ from tasks.backup_tasks import (create_scratch, drop_scratch, fail_verification,
 from tasks.backups import Verification
 from tasks.concurrency import exclusive
 from tasks.config import load_settings
+from tasks.journal import Journal
+from tasks.recovery import settle_abandoned
 from tasks.errors import DatabaseError, IntegrityError, VerificationError
 from tasks.notify import Severity
 from tasks.report import RunReport, first_line, human_bytes
@@ -80,40 +80,44 @@ def restore_test(database: str, backup_id: str | None = None, dry_run: bool = Fa
         manifest = None
         try:
             if dry_run:  # no lock: a plan must not wait behind a running backup
-                return _plan(run, db, _select(run, store, database, backup_id), scratch, settings.work_dir)
+                return _plan(run, db, _select(run, store, database, backup_id), scratch, settings.spool_dir)
             with exclusive("database", database):
                 t0 = time.monotonic()  # the RTO clock starts once nothing else holds the database
+                record = Journal.begin(store, database, "restore-test")
+                with run.step("settle earlier runs") as step:
+                    step.detail = "; ".join(settle_abandoned(settings, db, store, print)) or "nothing left behind"
                 manifest = _select(run, store, database, backup_id)
-                work = Path(tempfile.mkdtemp(prefix="runbooks-restore-", dir=settings.work_dir))
+                with run.step("integrity (sha256, decompress, pg_restore --list)") as step:
+                    spooled = fetch_and_check(db, store, manifest, enc, settings.spool_dir)
+                    step.detail = f"{spooled.entries} archive entries"
                 try:
-                    with run.step("integrity (sha256, decompress, pg_restore --list)") as step:
-                        spooled = fetch_and_check(db, store, manifest, enc, work)
-                        step.detail = f"{spooled.entries} archive entries"
-                    try:
-                        with run.step("create scratch database") as step:
-                            step.detail = scratch
-                            create_scratch(db, scratch)
-                        with run.step(RESTORE_STEP) as step:
-                            step.detail = f"pg_restore --jobs={db.config.jobs} --exit-on-error"
-                            restore_seconds = restore_into_scratch(db, spooled.path, scratch)
-                        spooled.path.unlink(missing_ok=True)
-                        with run.step("compare with manifest") as step:
-                            problems = verify_restored(db, scratch, manifest)
-                            step.detail = (f"{len(manifest.tables)} tables, {manifest.total_rows} rows, "
-                                           f"{len(manifest.sequences)} sequences: "
-                                           + ("all match" if not problems else f"{len(problems)} differ"))
-                            if problems:
-                                raise fail_verification(manifest, problems)
-                        # Data verified: the restored database is usable from here on (RTO).
-                        verified_after = time.monotonic() - t0
-                        with run.step("pg_amcheck") as step:
-                            amcheck = run_amcheck(db, scratch)
-                            step.detail = amcheck or "not available here (skipped)"
-                        amcheck_seconds = time.monotonic() - t0 - verified_after
-                    finally:
-                        _drop(run, db, scratch)
+                    with run.step("create scratch database") as step:
+                        step.detail = scratch
+                        record.creating(scratch)
+                        create_scratch(db, scratch)
+                    with run.step(RESTORE_STEP) as step:
+                        step.detail = f"pg_restore --jobs={db.config.jobs} --exit-on-error"
+                        restore_seconds = restore_into_scratch(db, spooled, scratch)
+                    spooled.close()
+                    with run.step("compare with manifest") as step:
+                        problems = verify_restored(db, scratch, manifest)
+                        content = (f", {len(manifest.content)} content checksums" if manifest.content else
+                                   ", no content checksums in this backup")
+                        step.detail = (f"{len(manifest.tables)} tables, {manifest.total_rows} rows, "
+                                       f"{len(manifest.sequences)} sequences{content}: "
+                                       + ("all match" if not problems else f"{len(problems)} differ"))
+                        if problems:
+                            raise fail_verification(manifest, problems)
+                    # Data verified: the restored database is usable from here on (RTO).
+                    verified_after = time.monotonic() - t0
+                    with run.step("pg_amcheck") as step:
+                        amcheck = run_amcheck(db, scratch)
+                        step.detail = amcheck or "not available here (skipped)"
+                    amcheck_seconds = time.monotonic() - t0 - verified_after
                 finally:
-                    shutil.rmtree(work, ignore_errors=True)
+                    spooled.close()
+                    if _drop(run, db, scratch):
+                        record.finish("dropped its scratch database")
             run.figure("Restore (pg_restore)", f"{restore_seconds:.1f} s")
             run.figure("Time to verified (measured RTO)", f"{verified_after:.1f} s")
             run.figure("Rows checked", f"{manifest.total_rows} in {len(manifest.tables)} tables")
@@ -151,17 +155,21 @@ def _select(run: RunReport, store: Store, database: str, backup_id: str | None) 
     return manifest
 
 
-def _drop(run: RunReport, db: postgres.Database, scratch: str) -> None:
+def _drop(run: RunReport, db: postgres.Database, scratch: str) -> bool:
     """Drop the scratch database; if that fails while another error is on its way, say so
-    in the log and let the first error through (it is the one that matters)."""
+    in the log and let the first error through (it is the one that matters). A scratch
+    database left behind stays in the run's record: the next run drops it."""
     failing = sys.exc_info()[1]
     try:
         with run.step("drop scratch database"):
             drop_scratch(db, scratch)
+        return True
     except Exception as exc:
         if failing is None:
             raise
-        get_run_logger().warning("scratch database %s may be left behind: %s", scratch, first_line(exc))
+        get_run_logger().warning("scratch database %s is left behind for the next run to drop: %s",
+                                 scratch, first_line(exc))
+        return False
 
 
 def _backup_is_at_fault(run: RunReport, exc: Exception) -> bool:
@@ -174,11 +182,11 @@ def _backup_is_at_fault(run: RunReport, exc: Exception) -> bool:
 
 
 def _plan(run: RunReport, db: postgres.Database, manifest: backups.Manifest, scratch: str,
-          work_dir: Path | None) -> RestoreTestResult:
+          work_dir: Path) -> RestoreTestResult:
     with run.step("check server"):
         can_create = postgres.can_create_database(db)
-    plan = [f"check {manifest.object_key} (sha256, decompress, pg_restore --list) in "
-            f"{work_dir or tempfile.gettempdir()} "
+    plan = [f"check {manifest.object_key} (sha256, decompress, pg_restore --list) into an unnamed "
+            f"file in {work_dir} "
             f"(needs {human_bytes(manifest.dump_bytes)} free)",
             f"restore into {scratch} on {db.describe()}"
             + ("" if can_create else " (WARNING: this role cannot CREATE DATABASE)"),

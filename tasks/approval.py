@@ -4,6 +4,8 @@ and drills pass `auto_approve=True`. Either way the decision goes into the repor
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 from prefect.exceptions import FlowPauseTimeout
 from prefect.flow_runs import pause_flow_run
 from prefect.input import RunInput
@@ -27,12 +29,15 @@ class NotApproved(RunbookError):
 
 
 def approve(run: RunReport, action: str, evidence: list[str], auto: bool,
-            wait_seconds: int = WAIT_SECONDS) -> Approval:
-    """Wait for a person to approve `action` (unless `auto`); record the decision."""
+            wait_seconds: int = WAIT_SECONDS, before_wait: Callable[[], None] | None = None) -> Approval:
+    """Wait for a person to approve `action` (unless `auto`); record the decision.
+    `before_wait` runs just before the run pauses (e.g. to notify people)."""
     if auto:
         decision = Approval(approve=True, approver="auto_approve", reason="scheduled or drill run")
     else:
         shown = "\n".join(f"- {line}" for line in evidence) or "- (no evidence gathered)"
+        if before_wait:
+            before_wait()
         with run.step("wait for approval") as step:
             step.detail = action
             try:

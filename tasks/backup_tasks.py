@@ -7,6 +7,7 @@ Transient failures are retried (tasks.retries); everything else fails at once.
 
 from __future__ import annotations
 
+import os
 import tempfile
 import time
 from dataclasses import dataclass
@@ -49,6 +50,7 @@ def dump_to_store(db: Database, store: Store, backup_id: str,
         encryption=enc.mode if enc else None, key_id=key_id(enc),
         server_version=state.server_version, pg_dump_version=stream.pg_dump_version,
         tables=state.tables, sequences=state.sequences, db_size_bytes=state.size_bytes,
+        content=state.content, sample_percent=state.sample_percent,
         dump_bytes=dump_bytes, stored_bytes=put.size, sha256=put.sha256,
         started_at=started, finished_at=datetime.now(timezone.utc), duration_seconds=seconds,
         throughput_mb_s=dump_bytes / seconds / 1e6,
@@ -86,30 +88,56 @@ def copy_to_replica(source: Store, replica: Store, manifest: Manifest) -> Replic
 
 @dataclass
 class SpooledDump:
-    path: Path
+    """A checked archive in a file that has no name: only this process (and the tools it
+    hands the descriptor to) can reach it, and the kernel frees it when the process
+    ends, SIGKILL included, so no decrypted backup is ever left on disk."""
+
+    fd: int
     entries: int
     seconds: float
+
+    @property
+    def path(self) -> Path:
+        """The name PostgreSQL's tools open it by (pass `fd` to them: pass_fds)."""
+        return Path(f"/proc/self/fd/{self.fd}")
+
+    def close(self) -> None:
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+
+
+def anonymous_file(work_dir: Path) -> int:
+    """A new file in `work_dir` that never has a name (O_TMPFILE), or one unlinked at
+    once where the filesystem lacks O_TMPFILE. `work_dir` is created private (0700)."""
+    work_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+    try:
+        return os.open(work_dir, os.O_TMPFILE | os.O_RDWR, 0o600)
+    except (AttributeError, OSError):
+        fd, name = tempfile.mkstemp(prefix="runbooks-spool-", dir=work_dir)
+        os.unlink(name)
+        return fd
 
 
 @task(name="fetch-and-check", cache_policy=NO_CACHE, **RETRY_OPTIONS)
 def fetch_and_check(db: Database, store: Store, manifest: Manifest,
                     enc: EncryptionConfig | None, work_dir: Path) -> SpooledDump:
-    """Download, check (sha256, decryption, decompression) and spool the archive to a local
-    file, then `pg_restore --list` it. Any failure removes the file: nothing is restored
-    from bytes that did not check out."""
+    """Download, check (sha256, decryption, decompression) and spool the archive to an
+    anonymous file in `work_dir`, then `pg_restore --list` it. Any failure closes the
+    file: nothing is restored from bytes that did not check out."""
     t0 = time.monotonic()
-    work_dir.mkdir(parents=True, exist_ok=True)
-    fd, name = tempfile.mkstemp(prefix=f"{manifest.id}.", suffix=".dump", dir=work_dir)
-    path = Path(name)
+    spool = SpooledDump(fd=anonymous_file(work_dir), entries=0, seconds=0.0)
     try:
-        with open(fd, "wb") as f, Progress(f"download {manifest.id}", total=manifest.stored_bytes) as p:
+        with open(spool.fd, "wb", closefd=False) as f, \
+                Progress(f"download {manifest.id}", total=manifest.stored_bytes) as p:
             for chunk in backups.read_dump(store, manifest, enc, on_bytes=p.advance):
                 f.write(chunk)
-        entries = len(postgres.restore_list(db, path))
+        spool.entries = len(postgres.restore_list(db, spool.path, pass_fds=(spool.fd,)))
     except BaseException:
-        path.unlink(missing_ok=True)
+        spool.close()
         raise
-    return SpooledDump(path=path, entries=entries, seconds=time.monotonic() - t0)
+    spool.seconds = time.monotonic() - t0
+    return spool
 
 
 @task(name="create-scratch", cache_policy=NO_CACHE, **RETRY_OPTIONS)
@@ -120,10 +148,10 @@ def create_scratch(db: Database, scratch: str) -> None:
 
 
 @task(name="restore-into-scratch", cache_policy=NO_CACHE)
-def restore_into_scratch(db: Database, archive: Path, scratch: str) -> float:
+def restore_into_scratch(db: Database, spool: SpooledDump, scratch: str) -> float:
     """pg_restore into the scratch database (--exit-on-error, parallel jobs)."""
     t0 = time.monotonic()
-    postgres.pg_restore(db, scratch, archive, jobs=db.config.jobs)
+    postgres.pg_restore(db, scratch, spool.path, jobs=db.config.jobs, pass_fds=(spool.fd,))
     return time.monotonic() - t0
 
 
@@ -153,10 +181,14 @@ def compare_with_manifest(restored: DatabaseState, manifest: Manifest) -> list[s
 
 @task(name="verify-restored", cache_policy=NO_CACHE)
 def verify_restored(db: Database, scratch: str, manifest: Manifest) -> list[str]:
-    """Exact row counts and sequences of the scratch database against the manifest."""
+    """Exact row counts and sequences of the scratch database against the manifest, and
+    the checksums of the sampled rows where the manifest has them."""
     with postgres.connect(db, dbname=scratch) as conn:
         state = postgres.read_state(conn, db.config.schemas)
-    return compare_with_manifest(state, manifest)
+        conn.rollback()
+        content = postgres.content_sample(conn, db.config.schemas, manifest.sample_percent,
+                                          tables=list(manifest.content))
+    return compare_with_manifest(state, manifest) + postgres.compare_content(manifest.content, content)
 
 
 @task(name="amcheck", cache_policy=NO_CACHE)

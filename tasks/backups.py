@@ -20,6 +20,7 @@ from pydantic import BaseModel, Field
 
 from tasks import encryption
 from tasks.encryption import EncryptionConfig
+from tasks.postgres import ContentSample
 from tasks.errors import BackupNotFound, IntegrityError, InvalidBackupId, ObjectNotFound, StoreError
 from tasks.storage import PutResult, Store
 
@@ -51,6 +52,10 @@ class Manifest(BaseModel):
     pg_dump_version: str = ""
     tables: dict[str, int] = Field(default_factory=dict)
     sequences: dict[str, int] = Field(default_factory=dict)
+    # Checksums of a sample of each table's rows, taken in the dump's snapshot (older
+    # backups have none: their restores compare counts and sequences only).
+    content: dict[str, ContentSample] = Field(default_factory=dict)
+    sample_percent: float = 0.0
     db_size_bytes: int = 0
     dump_bytes: int = 0
     stored_bytes: int = 0

@@ -18,7 +18,7 @@ import os
 import socket
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from datetime import datetime, timezone
 from typing import Any
@@ -70,10 +70,10 @@ def _log() -> Any:
         return get_logger("runbooks.concurrency")
 
 
-def _current_run() -> tuple[str | None, str | None]:
+def _current_run() -> tuple[str | None, str | None, str | None]:
     from prefect.runtime import flow_run
 
-    return (str(flow_run.id) if flow_run.id else None), (flow_run.name or None)
+    return (str(flow_run.id) if flow_run.id else None), (flow_run.name or None), (flow_run.flow_name or None)
 
 
 def _now() -> float:
@@ -159,8 +159,10 @@ def reclaim_if_gone(client: SyncPrefectClient, lock: str) -> tuple[dict[str, Any
     return holder, state, True
 
 
-def _acquire(lock: str, wait_seconds: float, run_id: str | None) -> UUID:
-    """Acquire the slot, saying every 30 s who holds it; reclaim it from a dead holder."""
+def _acquire(lock: str, wait_seconds: float, run_id: str | None,
+             refuse: Callable[[dict[str, Any], str], str | None] | None = None) -> UUID:
+    """Acquire the slot, saying every 30 s who holds it; reclaim it from a dead holder.
+    `refuse(holder, state)` may return a reason not to wait behind that holder."""
     holder = ConcurrencyLeaseHolder(type="flow_run", id=UUID(run_id)) if run_id else None
     started = time.monotonic()
     next_report = started + REPORT_SECONDS
@@ -177,6 +179,8 @@ def _acquire(lock: str, wait_seconds: float, run_id: str | None) -> UUID:
             held, state, reclaimed = reclaim_if_gone(client, lock)
         if reclaimed:
             continue
+        if refuse is not None and held is not None and (reason := refuse(held, state)):
+            raise RunbookError(reason)
         waited = time.monotonic() - started
         if waited >= wait_seconds:
             raise RunbookError(f"{lock} stayed busy for {wait_seconds:.0f}s: held by "
@@ -214,13 +218,15 @@ def _heartbeat(lock: str, record: dict[str, Any]) -> Iterator[None]:
 
 
 @contextmanager
-def exclusive(kind: str, name: str, wait_seconds: float = 6 * 3600) -> Iterator[None]:
-    """Hold the target's slot for the body; while another run holds it, wait and say so."""
+def exclusive(kind: str, name: str, wait_seconds: float = 6 * 3600,
+              refuse: Callable[[dict[str, Any], str], str | None] | None = None) -> Iterator[None]:
+    """Hold the target's slot for the body; while another run holds it, wait and say so
+    (or fail at once when `refuse` gives a reason not to wait behind that holder)."""
     lock = limit_name(kind, name)
     ensure_limit(lock)
-    run_id, run_name = _current_run()
-    lease_id = _acquire(lock, wait_seconds, run_id)
-    record = {"flow_run_id": run_id, "flow_run_name": run_name, "lease_id": str(lease_id),
+    run_id, run_name, flow_name = _current_run()
+    lease_id = _acquire(lock, wait_seconds, run_id, refuse)
+    record = {"flow_run_id": run_id, "flow_run_name": run_name, "flow": flow_name, "lease_id": str(lease_id),
               "host": socket.gethostname(), "pid": os.getpid(), "since": _now()}
     try:
         # A renewal that fails while the server restarts must not kill a restore.

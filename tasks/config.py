@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import re
+import tempfile
 import tomllib
 from pathlib import Path
 from typing import Any
@@ -43,8 +44,9 @@ class Settings(BaseSettings):
     notify: NotifySettings = Field(default_factory=NotifySettings)
     prometheus: PrometheusConfig | None = Field(None, description="where the services' metrics are; "
                                                 "without it restarts check only the probes")
-    work_dir: Path | None = Field(None, description="where restore tests spool the uncompressed "
-                                  "archive (needs its size free); default: the system temp dir")
+    work_dir: Path | None = Field(None, description="where restores spool the uncompressed archive, "
+                                  "in a file without a name (needs its size free); default: the system "
+                                  "temp dir")
 
     @classmethod
     def settings_customise_sources(cls, settings_cls: type[BaseSettings],
@@ -85,6 +87,11 @@ class Settings(BaseSettings):
             if st.replica == name:
                 raise ValueError(f"stores.{name}.replica: a store cannot be its own replica")
         return self
+
+    @property
+    def spool_dir(self) -> Path:
+        """Where a restore spools its archive (tasks.backup_tasks.anonymous_file)."""
+        return self.work_dir or Path(tempfile.gettempdir()) / "runbooks"
 
     def database(self, name: str) -> Database:
         """The database target `name`, or a ConfigError that lists the known names."""

@@ -47,6 +47,9 @@ class DatabaseConfig(BaseModel):
     jobs: int = Field(2, ge=1, le=32, description="parallel pg_restore jobs")
     compression_level: int = Field(3, ge=1, le=19, description="zstd level")
     connect_timeout: int = Field(10, ge=1, le=300)
+    content_sample_percent: float = Field(1.0, ge=0, le=100, description="share of each table's rows "
+                                          "(chosen by hashed primary key) whose checksum the backup's "
+                                          "manifest records and every restore compares; 0: counts only")
 
     @field_validator("dsn")
     @classmethod
@@ -187,6 +190,16 @@ def tool_version(path: Path) -> str:
     return out.stdout.strip()
 
 
+class ContentSample(BaseModel):
+    """A checksum of the rows of one table whose hashed primary key falls in the sample:
+    the same rows and the same checksum in any copy of the same data, whatever its
+    physical order (the reference's "spot-check random records", made exact)."""
+
+    key: list[str]  # the primary key's columns
+    rows: int
+    checksum: str  # md5 over the md5 of each sampled row's text, in key order
+
+
 class DatabaseState(BaseModel):
     """Exact row counts and sequence values of a database at one snapshot."""
 
@@ -194,6 +207,8 @@ class DatabaseState(BaseModel):
     sequences: dict[str, int] = Field(default_factory=dict)
     server_version: str = ""
     size_bytes: int = 0
+    content: dict[str, ContentSample] = Field(default_factory=dict)
+    sample_percent: float = 0.0
 
     @property
     def total_rows(self) -> int:
@@ -230,6 +245,77 @@ def read_state(conn: psycopg.Connection, schemas: list[str],
         q = sql.SQL("SELECT count(*) FROM {}").format(sql.Identifier(schema, name))
         state.tables[f"{schema}.{name}"] = int(conn.execute(q).fetchone()[0])
     return state
+
+
+SAMPLE_BUCKETS = 65536  # the sample is the rows whose key's md5 starts below share x 65536
+# The text of a row depends on these settings; fixing them makes a checksum comparable
+# between the backup's snapshot and any restore of it.
+_STABLE_TEXT = ("SET LOCAL TimeZone = 'UTC'", "SET LOCAL DateStyle = 'ISO, YMD'",
+                "SET LOCAL IntervalStyle = 'postgres'", "SET LOCAL bytea_output = 'hex'",
+                "SET LOCAL extra_float_digits = 1")
+
+
+def primary_keys(conn: psycopg.Connection, schemas: list[str]) -> dict[str, list[str]]:
+    """Each table's primary key columns, in key order (tables without one are absent)."""
+    rows = conn.execute(
+        """SELECT n.nspname, c.relname, a.attname FROM pg_index i
+           JOIN pg_class c ON c.oid = i.indrelid JOIN pg_namespace n ON n.oid = c.relnamespace
+           CROSS JOIN LATERAL unnest(i.indkey) WITH ORDINALITY AS k(attnum, ord)
+           JOIN pg_attribute a ON a.attrelid = c.oid AND a.attnum = k.attnum
+           WHERE i.indisprimary AND n.nspname = ANY(%s) AND c.relkind = 'r'
+           ORDER BY 1, 2, k.ord""", (schemas,)).fetchall()
+    keys: dict[str, list[str]] = {}
+    for schema, table, column in rows:
+        keys.setdefault(f"{schema}.{table}", []).append(column)
+    return keys
+
+
+def content_sample(conn: psycopg.Connection, schemas: list[str], percent: float,
+                   tables: list[str] | None = None) -> dict[str, ContentSample]:
+    """Checksums of the sampled rows of every table with a primary key (in `tables` only,
+    if given), in the connection's current transaction. Cost: one scan of each table
+    (md5 of every key; md5 of each sampled row)."""
+    if percent <= 0:
+        return {}
+    threshold = max(1, round(SAMPLE_BUCKETS * min(percent, 100.0) / 100.0))
+    own = conn.info.transaction_status == psycopg.pq.TransactionStatus.IDLE
+    if own:
+        conn.execute("BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY")
+    try:
+        for statement in _STABLE_TEXT:
+            conn.execute(statement)
+        out = {}
+        for table, key in primary_keys(conn, schemas).items():
+            if tables is not None and table not in tables:
+                continue
+            schema, name = table.split(".", 1)
+            cols = sql.SQL(", ").join(sql.SQL("t.") + sql.Identifier(c) for c in key)
+            keytext = sql.SQL("ROW({})::text").format(cols)
+            q = sql.SQL("""SELECT count(*), coalesce(md5(string_agg(md5(t::text), '' ORDER BY {cols})), '')
+                           FROM {table} AS t
+                           WHERE ('x' || left(md5({keytext}), 4))::bit(16)::int < {threshold}""").format(
+                cols=cols, table=sql.Identifier(schema, name), keytext=keytext,
+                threshold=sql.Literal(threshold))
+            rows, checksum = conn.execute(q).fetchone()
+            out[table] = ContentSample(key=key, rows=int(rows), checksum=str(checksum))
+        return out
+    finally:
+        if own:
+            conn.rollback()
+
+
+def compare_content(expected: dict[str, ContentSample], got: dict[str, ContentSample]) -> list[str]:
+    """Every table whose sampled rows differ, one line each."""
+    problems = []
+    for table, want in sorted(expected.items()):
+        have = got.get(table)
+        if have is None:
+            problems.append(f"{table}: no primary key or missing, its sampled rows cannot be compared")
+        elif have.rows != want.rows:
+            problems.append(f"{table}: {have.rows} sampled rows, the manifest has {want.rows}")
+        elif have.checksum != want.checksum:
+            problems.append(f"{table}: the content of its {want.rows} sampled rows differs from the manifest")
+    return problems
 
 
 def estimate_dump_bytes(db: Database) -> int:
@@ -285,6 +371,9 @@ def dump(db: Database) -> Iterator[DumpStream]:
         def count() -> None:
             try:
                 state.state = read_state(conn, db.config.schemas, sequences)
+                percent = db.config.content_sample_percent
+                state.state.content = content_sample(conn, db.config.schemas, percent)
+                state.state.sample_percent = percent
             except BaseException as exc:  # noqa: BLE001 - re-raised in the caller's thread
                 counted.append(exc)
 
@@ -404,12 +493,12 @@ class _Tail:
 
 
 def restore_list(db: Database, archive: Path | None, stdin_chunks: Iterator[bytes] | None = None,
-                 timeout: float = 600) -> list[str]:
+                 timeout: float = 600, pass_fds: tuple[int, ...] = ()) -> list[str]:
     """`pg_restore --list`: the archive's table of contents (proves it is readable)."""
     pg_restore = find_tool(db, "pg_restore")
     args = [str(pg_restore), "--list"] + ([str(archive)] if archive else [])
     proc = subprocess.Popen(args, stdin=subprocess.PIPE if archive is None else subprocess.DEVNULL,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, pass_fds=pass_fds)
     out, err = _feed(proc, stdin_chunks, timeout)
     if proc.returncode != 0:
         raise IntegrityError(f"the archive is unreadable: pg_restore --list failed "
@@ -481,13 +570,13 @@ def database_exists(db: Database, name: str) -> bool:
 
 
 def pg_restore(db: Database, target_dbname: str, archive: Path, jobs: int = 1,
-               timeout: float = 6 * 3600) -> None:
+               timeout: float = 6 * 3600, pass_fds: tuple[int, ...] = ()) -> None:
     """Restore an archive file into `target_dbname` (--exit-on-error, `jobs` in parallel)."""
     tool = find_tool(db, "pg_restore")
     conninfo, env = _tool_env(db, dbname=target_dbname)
     args = [str(tool), "--exit-on-error", "--no-owner", f"--dbname={conninfo}", f"--jobs={jobs}", str(archive)]
     proc = subprocess.Popen(args, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, env=env)
+                            stderr=subprocess.PIPE, env=env, pass_fds=pass_fds)
     _, err = _feed(proc, None, timeout)
     if proc.returncode != 0:
         reason = _first(err)

@@ -93,6 +93,25 @@ class Controller(ABC):
         self.stop()
         return self.start()
 
+    def leftovers(self) -> list[str]:
+        """What still runs of it after a stop (pods, processes); backends whose stop
+        waits for the end have nothing left once status says so."""
+        return []
+
+    def wait_stopped(self, timeout: float) -> ServiceStatus:
+        """Wait until nothing of it runs: no ready replica and nothing left over (what
+        `kubectl wait --for=delete` waits for), or fail after `timeout` seconds."""
+        deadline = time.monotonic() + timeout
+        while True:
+            status = self.status()
+            left = [] if status.running else self.leftovers()
+            if not status.running and not left:
+                return status
+            if time.monotonic() >= deadline:
+                raise ServiceError(f"service '{self.name}' still runs {timeout:g}s after it was told to stop: "
+                                   + (", ".join(left) if left else status.detail))
+            time.sleep(0.5)
+
 
 def _start_time(pid: int) -> str | None:
     """The kernel's start time of `pid` (tells a reused pid from ours), None if gone."""
@@ -401,6 +420,18 @@ class KubernetesController(Controller):
 
     def stop(self) -> ServiceStatus:
         return self.scale(0)
+
+    def leftovers(self) -> list[str]:
+        """The deployment's pods that still exist (terminating ones included)."""
+        try:
+            labels = self._call("GET", self.path).json()["spec"]["selector"]["matchLabels"]
+            selector = ",".join(f"{k}={v}" for k, v in sorted(labels.items()))
+            pods = self._call("GET", f"/api/v1/namespaces/{self.config.namespace}/pods",
+                              params={"labelSelector": selector}).json().get("items", [])
+            return [f"pod {p['metadata']['name']}" for p in pods]
+        except (KeyError, TypeError, ValueError, AttributeError):
+            raise ServiceError(f"service '{self.name}': unexpected answer from the Kubernetes API "
+                               "listing the deployment's pods") from None
 
     def restart(self) -> ServiceStatus:
         """What `kubectl rollout restart` does: a new pod template annotation."""
