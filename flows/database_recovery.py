@@ -175,7 +175,7 @@ class _Recovery:
         with run.step("settle earlier runs") as step:
             self.result.cleaned_up = recovery.settle_abandoned(self.settings, self.db, self.store, self.say)
             step.detail = "; ".join(self.result.cleaned_up) or "none left anything behind"
-        self.notify(Severity.HIGH, f"Recovery of {self.db.describe()} started ({self.why.rstrip('.')}).")
+        self.notify(Severity.HIGH, f"Recovery of {self.db.describe()} started: restore, verify, then swap.")
         try:
             if stop_writes == "before_restore":
                 self._stop_writes()

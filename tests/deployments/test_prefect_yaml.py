@@ -27,8 +27,12 @@ def _props(d) -> dict:
 
 def test_schedules_limits_and_tags_are_the_agreed_ones():
     deployments = _deployments()
+    recoveries = {"database-recovery-orders", "data-loss-orders", "database-corruption-orders"}
     assert set(deployments) == {"backup-orders", "restore-test-orders", "backup-retention", "health-check",
-                                "service-restart-api"}
+                                "service-restart-api"} | recoveries
+    for name in recoveries:  # a second recovery is refused by the flow itself, naming the first
+        d = deployments.pop(name)
+        assert d.concurrency_limit is None and not d.schedules and {"runbook", "dr-scenario"} <= set(d.tags)
     crons = {name: [s.schedule.cron for s in d.schedules] for name, d in deployments.items()}
     assert crons == {"backup-orders": ["0 0,6,12,18 * * *"], "restore-test-orders": ["0 3 * * 0"],
                      "backup-retention": ["30 4 * * *"], "health-check": ["* * * * *"],
@@ -55,6 +59,11 @@ def test_forms_describe_every_parameter_and_offer_the_configured_targets():
     assert props["backup_id"]["type"] == "string" and "default" not in props["backup_id"]
     assert _props(_deployments()["service-restart-api"])["service"]["enum"] == ["api"]
     assert _props(_deployments()["service-restart-api"])["watch_seconds"]["type"] == "number"
+    recovery = _props(_deployments()["database-recovery-orders"])
+    assert recovery["restore_point"]["format"] == "date-time" and "default" not in recovery["restore_point"]
+    assert recovery["stop_writes"]["enum"] == ["at_swap", "before_restore"]
+    assert recovery["stop_writes"]["default"] == "at_swap"
+    assert _props(_deployments()["database-corruption-orders"])["stop_writes"]["default"] == "before_restore"
     # Without a config there is nothing to choose from: a plain text field.
     assert "enum" not in _props(_deployments({})["backup-orders"])["database"]
 

@@ -3,6 +3,7 @@ process controller as the application, and the faults the issue names."""
 
 from __future__ import annotations
 
+import json
 import sys
 from datetime import datetime, timedelta, timezone
 
@@ -101,3 +102,155 @@ def test_recovers_deleted_rows_with_the_service_running(api, sample_db, pg_admin
     assert databases_like(pg_admin, sample_db, "_restore_") == []
     store = load_settings().open_store("local")
     assert journal.unfinished(store, "orders") == []
+
+
+def test_no_backup_is_a_clear_error_before_anything_stops(api, sample_db, pg_admin):
+    ctl, _ = api
+    pid = ctl.status().pid
+    with pytest.raises(BackupNotFound, match="no backups of database 'orders'.*nothing was stopped"):
+        database_recovery("orders", auto_approve=True)
+    assert ctl.status().pid == pid
+    assert databases_like(pg_admin, sample_db, "_") == []
+
+
+def test_restore_points_choose_the_backup_and_bad_ones_are_refused(sample_db, tmp_path, write_config, pg_admin):
+    write_config(config(tmp_path, sample_db))
+    first = verified_backup()
+    store = load_settings().open_store("local")
+    first_done = backups.load_manifest(store, first).finished_at
+    second = verified_backup()
+    # Just before the second backup, said in another time zone: the first one is used.
+    point = (first_done + timedelta(milliseconds=1)).astimezone(timezone(timedelta(hours=5, minutes=30)))
+    assert database_recovery("orders", restore_point=point, dry_run=True).backup_id == first
+    assert database_recovery("orders", dry_run=True).backup_id == second
+    with pytest.raises(BackupNotFound, match="no backup of 'orders' was taken at or before"):
+        database_recovery("orders", restore_point=first_done - timedelta(hours=1), auto_approve=True)
+    with pytest.raises(RecoveryError, match="in the future"):
+        database_recovery("orders", restore_point=datetime.now(timezone.utc) + timedelta(hours=1))
+    with pytest.raises(RecoveryError, match="has no time zone"):
+        database_recovery("orders", restore_point=datetime(2026, 1, 1, 12, 0))
+    with pytest.raises(InvalidBackupId):
+        database_recovery("orders", backup_id="../../etc/passwd", auto_approve=True)
+    assert databases_like(pg_admin, sample_db, "_restore") == []
+
+
+def test_unverified_backups_need_an_explicit_backup_id(sample_db, tmp_path, write_config):
+    write_config(config(tmp_path, sample_db))
+    backup_id = backup_database("orders").backup_id
+    with pytest.raises(RecoveryError, match=f"has passed a restore test \\(unverified: {backup_id}\\).*backup_id"):
+        database_recovery("orders", auto_approve=True)
+    result = database_recovery("orders", backup_id=backup_id, auto_approve=True)
+    assert result.recovered and result.backup_id == backup_id
+
+
+def test_a_corrupt_backup_is_skipped_for_the_next_older_verified_one(sample_db, tmp_path, write_config):
+    write_config(config(tmp_path, sample_db))
+    older = verified_backup()
+    newer = verified_backup()
+    store = load_settings().open_store("local")
+    path = tmp_path / "store" / backups.load_manifest(store, newer).object_key
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    path.write_bytes(bytes(data))
+    result = database_recovery("orders", auto_approve=True)
+    assert result.recovered and result.backup_id == older
+    assert len(result.skipped_backups) == 1 and newer in result.skipped_backups[0]
+    assert "sha256" in result.skipped_backups[0]
+
+
+def test_a_taken_restore_name_is_left_alone(sample_db, tmp_path, write_config, pg_admin, monkeypatch):
+    from tasks import recovery
+
+    write_config(config(tmp_path, sample_db))
+    verified_backup()
+    dbname = psycopg.conninfo.conninfo_to_dict(sample_db)["dbname"]
+    taken = f"{dbname}_restore_taken"
+    with psycopg.connect(pg_admin, autocommit=True) as conn:
+        conn.execute(f'CREATE DATABASE "{taken}"')
+    monkeypatch.setattr(recovery, "derived_name", lambda prod, kind, at: taken if kind == recovery.RESTORED
+                        else f"{prod}{kind}x")
+    before = counts(sample_db)
+    with pytest.raises(RecoveryError, match=f"{taken} already exists.*left alone"):
+        database_recovery("orders", auto_approve=True)
+    assert databases_like(pg_admin, sample_db, "_restore_") == [taken]  # not dropped
+    assert counts(sample_db) == before
+
+
+def test_an_unanswered_approval_changes_nothing(api, sample_db, pg_admin):
+    from tasks.approval import NotApproved
+
+    ctl, _ = api
+    verified_backup()
+    pid = ctl.status().pid
+    with pytest.raises(NotApproved, match="nobody approved"):
+        database_recovery("orders", approval_timeout_minutes=0.05)
+    assert ctl.status().pid == pid  # never stopped
+    assert databases_like(pg_admin, sample_db, "_restore_") == []  # the restored copy is dropped
+    assert databases_like(pg_admin, sample_db, "_pre_restore_") == []
+    assert journal.unfinished(load_settings().open_store("local"), "orders") == []
+
+
+def test_a_service_that_does_not_come_back_is_undone(sample_db, tmp_path, write_config, pg_admin):
+    """The first start after the swap fails: the swap is undone and production is the
+    original database again, its data intact; the service runs again on it."""
+    port, flag = free_port(), tmp_path / "fail-next-start"
+    service = f"{sys.executable} -m demo.service --dsn '{sample_db}' --port {port} --redis none"
+    wrapper = f'if [ -e {flag} ]; then rm {flag}; echo "bad start"; exit 3; fi; exec {service}'
+    write_config(config(tmp_path, sample_db) + f"""
+[services.api]
+base_url = "http://127.0.0.1:{port}"
+database = "orders"
+ready_deadline_seconds = 6
+controller = {{ kind = "process", command = {json.dumps(["sh", "-c", wrapper])}, pid_file = "{tmp_path / 'api.pid'}", log_file = "{tmp_path / 'api.log'}", grace_seconds = 5 }}
+""")
+    ctl = load_settings().controller("api")
+    ctl.start()
+    try:
+        wait_until_ready(f"http://127.0.0.1:{port}", deadline_seconds=20, interval=0.2)
+        verified_backup()
+        with psycopg.connect(sample_db) as conn:
+            conn.execute("DELETE FROM orders WHERE id % 2 = 0 AND id NOT IN (SELECT order_id FROM order_items)")
+        before, content = counts(sample_db), checksums(sample_db)
+        flag.touch()
+        with pytest.raises(Exception, match="not ready after"):
+            database_recovery("orders", auto_approve=True)
+        assert counts(sample_db) == before and checksums(sample_db) == content
+        assert databases_like(pg_admin, sample_db, "_pre_restore_") == []
+        assert databases_like(pg_admin, sample_db, "_restore_") == []
+        assert ctl.status().running
+        assert journal.unfinished(load_settings().open_store("local"), "orders") == []
+    finally:
+        ctl.stop()
+
+
+def test_hostile_database_names_are_quoted(pg_admin, tmp_path, write_config):
+    from demo.sample_data import build
+
+    dbname = 'Orders "EU"; x'
+    with psycopg.connect(pg_admin, autocommit=True) as conn:
+        conn.execute('CREATE DATABASE "Orders ""EU""; x"')
+    try:
+        dsn = psycopg.conninfo.make_conninfo(pg_admin, dbname=dbname)
+        build(dsn, rows=1000)
+        write_config(config(tmp_path, dsn.replace('"', '\\"')).replace("[databases.orders]", "[databases.orders-eu]"))
+        backup_id = backup_database("orders-eu").backup_id
+        assert restore_test("orders-eu", backup_id=backup_id).passed
+        with psycopg.connect(dsn) as conn:
+            conn.execute("TRUNCATE order_items")
+        result = database_recovery("orders-eu", auto_approve=True)
+        assert result.recovered and counts(dsn)["public.order_items"] > 0
+        assert result.pre_restore_database.startswith(dbname + "_pre_restore_")
+    finally:
+        with psycopg.connect(pg_admin, autocommit=True) as conn:
+            for (name,) in conn.execute("SELECT datname FROM pg_database WHERE datname LIKE 'Orders \"EU\"; x%'").fetchall():
+                conn.execute(psycopg.sql.SQL("DROP DATABASE {} WITH (FORCE)").format(psycopg.sql.Identifier(name)))
+
+
+def test_dry_run_changes_nothing(api, sample_db, pg_admin):
+    ctl, _ = api
+    backup_id = verified_backup()
+    pid = ctl.status().pid
+    result = database_recovery("orders", dry_run=True)
+    assert result.dry_run and not result.recovered and result.backup_id == backup_id
+    assert any("rename" in line for line in result.plan)
+    assert ctl.status().pid == pid and databases_like(pg_admin, sample_db, "_") == []
