@@ -33,6 +33,8 @@ config_app = typer.Typer(help="Check the configuration.", no_args_is_help=True)
 backups_app = typer.Typer(help="What the backup stores hold.", no_args_is_help=True)
 app.add_typer(config_app, name="config")
 app.add_typer(backups_app, name="backups")
+recovery_app = typer.Typer(help="What database recoveries left behind.", no_args_is_help=True)
+app.add_typer(recovery_app, name="recovery")
 class _Out:
     """Prints to whatever sys.stdout/stderr is now (a test runner may swap them);
     wide when piped (a log, a ticket), so ids and DSNs are never cut."""
@@ -238,6 +240,45 @@ def run_health(metrics_file: Optional[str] = typer.Option(None, help="also write
     from flows.health_check import health_check
 
     health_check(metrics_file=metrics_file)
+
+
+@recovery_app.command("cleanup")
+def recovery_cleanup(database: Optional[str] = typer.Option(None, help="only this database"),
+                     older_than: float = typer.Option(7.0, "--older-than", metavar="DAYS",
+                                                      help="pre-restore copies older than this many days"),
+                     yes: bool = typer.Option(False, "--yes", help="drop without asking")) -> None:
+    """Settle runs that died (put production back or finish their swap, start the services
+    they stopped, drop their half-restored databases), then list the pre-restore copies
+    older than --older-than days and the abandoned restore databases, and drop them
+    after you confirm."""
+    from tasks import recovery
+    from tasks.concurrency import exclusive
+
+    settings = load_settings()
+    names = [settings.database(database).name] if database else sorted(settings.databases)
+    now = datetime.now(timezone.utc)
+    for name in names:
+        db = settings.database(name)
+        store = settings.open_store(db.config.store or "")
+        with exclusive("database", name, wait_seconds=30):  # never under a live run's feet
+            settled = recovery.settle_abandoned(settings, db, store, lambda line: out.print(f"{name}: {line}"))
+            found = recovery.leftovers(db, store, older_than, now)
+            if not found:
+                out.print(f"{name}: nothing to clean up" + (" more" if settled else ""))
+                continue
+            table = Table(title=f"database {name} ({db.masked_dsn})", title_justify="left")
+            for col in ("database", "kind", "created (UTC)", "size"):
+                table.add_column(col, justify="right" if col == "size" else "left")
+            for x in found:
+                table.add_row(x.name, x.kind, f"{x.created:%Y-%m-%d %H:%M}" if x.created else "?",
+                              human_bytes(x.size_bytes))
+            out.print(table)
+            if not yes and not typer.confirm(f"Drop these {len(found)} databases?", default=False):
+                out.print(f"{name}: nothing dropped")
+                continue
+            for x in found:
+                postgres.drop_database(db, x.name)
+                out.print(f"{name}: dropped {x.name}")
 
 
 @app.command("run")

@@ -61,6 +61,7 @@ def operator_error(message: str | None) -> bool:
     """Was the run failed by one of our own errors (its message says what to fix)?"""
     import flows.health_check  # noqa: F401 - defines, with the modules it imports, our errors
     import flows.service_restart  # noqa: F401
+    import flows.database_corruption  # noqa: F401 - and, through it, tasks.recovery
     import tasks.approval  # noqa: F401
     from tasks import errors
 
