@@ -4,7 +4,8 @@ Starts an embedded PostgreSQL 16 (pgserver), builds the sample `orders` database
 runs the backup flow and the restore-test flow through Prefect (its local server on
 SQLite, kept in .demo/prefect so `make ui` can show the runs afterwards), then starts
 the demo API service under the process controller, makes it hang and runs the
-service-restart flow; prints a short summary and stops what it started.
+service-restart flow; then a data-loss drill: rows deleted while the service runs,
+recovered by the data-loss flow. Prints a short summary and stops what it started.
 
     python -m demo [--rows N]      (default 100,000; DEMO_ROWS works too)
 """
@@ -84,6 +85,7 @@ path = "backups"
         step("running the restore-test flow")
         test = restore_test(database="orders")
         restart = _restart_drill(config, dsn)
+        drill = _data_loss_drill(dsn)
     finally:
         server.cleanup()  # stops the embedded PostgreSQL
 
@@ -98,6 +100,7 @@ Demo summary
 match the manifest; pg_amcheck {test.amcheck or "not available"}
                 {test.time_to_verified_seconds:.1f} s from start to verified restore (the measured RTO at this size)
   service       demo API under the process controller, hang injected: {restart}
+  data loss     {drill}
   files         backups in {HOME / "backups"}, config in {config}
   runs          `make ui`, then http://127.0.0.1:4200/runs: every flow run with its report (Artifacts tab)
   also try      RUNBOOKS_CONFIG={config} .venv/bin/runbooks backups list
@@ -143,6 +146,37 @@ controller = {{ kind = "process", command = {json.dumps(argv)}, pid_file = "api.
         controller.stop()
     return (f"restarted, ready in {result.seconds_to_ready:.1f} s, healthy (5 s watch) after "
             f"{result.seconds_to_healthy:.1f} s")
+
+
+def _data_loss_drill(dsn: str) -> str:
+    """Delete rows while the demo service runs, and let the data-loss flow (runbook 2)
+    restore the verified backup and swap it in."""
+    import psycopg
+
+    from flows.data_loss import data_loss
+    from tasks.config import load_settings
+    from tasks.probes import wait_until_ready
+
+    settings = load_settings()
+    controller = settings.controller("api")
+    step("data-loss drill: the service runs, a bad script deletes every fifth order item")
+    controller.start()
+    try:
+        wait_until_ready(settings.service("api").base_url, deadline_seconds=30, interval=0.2)
+        with psycopg.connect(dsn) as conn:
+            deleted = conn.execute("DELETE FROM order_items WHERE id % 5 = 0").rowcount
+        step(f"deleted {deleted:,} rows of order_items; running the data-loss flow (auto-approved drill)")
+        result = data_loss(database="orders", auto_approve=True, incident="DEMO-DRILL")
+        with psycopg.connect(dsn) as conn:
+            now = conn.execute("SELECT count(*) FROM order_items").fetchone()[0]
+        with psycopg.connect(psycopg.conninfo.make_conninfo(dsn, dbname=result.pre_restore_database)) as conn:
+            damaged = conn.execute("SELECT count(*) FROM order_items").fetchone()[0]
+    finally:
+        controller.stop()
+    return (f"{now - damaged:,} rows of order_items recovered from {result.backup_id}; "
+            f"RTO {result.rto_seconds:.1f} s, outage {result.outage_seconds:.1f} s (writes stopped to ready), "
+            f"data-loss window {result.data_loss_window_seconds:.0f} s\n"
+                f"                the damaged database is kept as {result.pre_restore_database}")
 
 
 def step(text: str) -> None:
