@@ -55,6 +55,7 @@ class RecoveryResult(BaseModel):
     cleaned_up: list[str] = []
     plan: list[str] = []
     approver: str | None = None
+    steps: dict[str, float] = {}  # seconds per report step
 
 
 @flow(name="database-recovery", log_prints=True)
@@ -213,6 +214,7 @@ class _Recovery:
             r.reconciliation = _reconcile(self.db, r.pre_restore_database or "", manifest, maxima)
             step.detail = "; ".join(r.reconciliation[:5])
         r.recovered, r.outcome = True, "recovered"
+        r.steps = {s.name: round(s.seconds, 3) for s in run.steps}
         run.outcome = "recovered"
         self.journal.finish("recovered")
         self._figures(manifest)

@@ -254,3 +254,22 @@ def test_dry_run_changes_nothing(api, sample_db, pg_admin):
     assert result.dry_run and not result.recovered and result.backup_id == backup_id
     assert any("rename" in line for line in result.plan)
     assert ctl.status().pid == pid and databases_like(pg_admin, sample_db, "_") == []
+
+
+def test_corruption_is_confirmed_before_anything_changes(api, sample_db, pg_admin):
+    from flows.database_corruption import NoCorruptionFound, database_corruption
+
+    ctl, _ = api
+    verified_backup()
+    pid, before = ctl.status().pid, counts(sample_db)
+    with pytest.raises(NoCorruptionFound, match="no check found corruption.*force"):
+        database_corruption("orders", check_query="SELECT count(*) FROM orders", auto_approve=True)
+    assert ctl.status().pid == pid and counts(sample_db) == before
+    assert databases_like(pg_admin, sample_db, "_") == []
+
+    # A query that fails stands in for one that hits a corrupt page.
+    result = database_corruption("orders", check_query="SELECT count(*) / 0 FROM orders", auto_approve=True)
+    assert result.recovered and result.pre_restore_database
+    assert ctl.status().running and ctl.status().pid != pid
+    # before_restore: writes stopped before the restore, so the outage covers it too.
+    assert result.outage_seconds > result.rto_seconds * 0.3
