@@ -36,7 +36,7 @@ def stack(pg_admin: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[d
     with psycopg.connect(pg_admin, autocommit=True) as conn:
         conn.execute(f'CREATE DATABASE "{name}"')
     dsn = psycopg.conninfo.make_conninfo(pg_admin, dbname=name)
-    build(dsn, rows=300_000)
+    build(dsn, rows=150_000)
     port = free_port()
     argv = [sys.executable, "-m", "demo.service", "--dsn", dsn, "--port", str(port), "--redis", "none"]
     config = root / "runbooks.toml"
