@@ -1,5 +1,5 @@
 """The steps of database recovery (runbook 2) that the recovery flows share: assess the
-damage, choose the backup, stop writes, swap the restored database in, undo, reconcile,
+damage, choose the backup, stop writes, swap the restored database in, undo,
 and settle what a dead run left behind.
 
 Production is never dropped: the swap renames it aside to `<db>_pre_restore_<UTC time>`
@@ -187,10 +187,6 @@ def end_sessions(db: Database, dbname: str, grace_seconds: float) -> int:
 
 # --- 6. promote ------------------------------------------------------------------------------
 
-def database_exists(db: Database, name: str) -> bool:
-    return postgres.database_exists(db, name)
-
-
 def swap(db: Database, first: str, first_to: str, second: str, second_to: str,
          pause: Callable[[], None] | None = None, attempts: int = 5) -> None:
     """Rename `first` to `first_to` and `second` to `second_to` in one transaction: both
@@ -217,41 +213,6 @@ def swap(db: Database, first: str, first_to: str, second: str, second_to: str,
                                         f"{second_to} failed, nothing was renamed: "
                                         f"{first_line(exc)}") from None
         time.sleep(0.2)
-
-
-# --- 8. reconcile ----------------------------------------------------------------------------
-
-def reconcile(db: Database, aside: str, production: str) -> list[str]:
-    """What the pre-restore copy holds that the restored database lacks, per table: the
-    row-count difference, and the rows whose (single-column, integer) primary key is above
-    the restored table's highest; so a person can carry them over."""
-    with postgres.connect(db, dbname=aside) as old_conn, postgres.connect(db, dbname=production) as new_conn:
-        old = postgres.read_state(old_conn, db.config.schemas).tables
-        new = postgres.read_state(new_conn, db.config.schemas).tables
-        keys = postgres.primary_keys(old_conn, db.config.schemas)
-        lines = []
-        for table in sorted(set(old) | set(new)):
-            before, after = old.get(table), new.get(table)
-            if before is None or after is None:
-                lines.append(f"{table}: only in the {'restored' if before is None else 'pre-restore'} database")
-                continue
-            newer = ""
-            key = keys.get(table, [])
-            if len(key) == 1:
-                schema, name = table.split(".", 1)
-                ident, col = sql.Identifier(schema, name), sql.Identifier(key[0])
-                try:
-                    top = new_conn.execute(sql.SQL("SELECT max({}) FROM {}").format(col, ident)).fetchone()[0]
-                    if top is None or isinstance(top, int):
-                        q = sql.SQL("SELECT count(*), min({c}), max({c}) FROM {t} WHERE {c} > %s").format(c=col, t=ident)
-                        n, lo, hi = old_conn.execute(q, (top if top is not None else -(2 ** 63),)).fetchone()
-                        newer = f"; {n} rows with {key[0]} above the restored maximum" + (f" ({lo}..{hi})" if n else "")
-                except Exception:  # noqa: BLE001 - a key type max() cannot compare: counts only
-                    new_conn.rollback()
-                    old_conn.rollback()
-            if before != after or newer.startswith("; ") and not newer.startswith("; 0 "):
-                lines.append(f"{table}: pre-restore {before} rows, restored {after} ({after - before:+d}){newer}")
-        return lines or ["the pre-restore copy holds nothing the restored database lacks (same counts)"]
 
 
 # --- crashed runs --------------------------------------------------------------------------
@@ -286,7 +247,7 @@ def settle_abandoned(settings: Settings, db: Database, store: Store,
 
 def _settle(db: Database, record: RunRecord, tell: Callable[[str], None], who: str) -> str:
     production = record.production or db.dbname
-    swapped = bool(record.aside and database_exists(db, record.aside))
+    swapped = bool(record.aside and postgres.database_exists(db, record.aside))
     if swapped:
         tell(f"{who} had completed the swap: {production} is the restored database, the original "
              f"is kept as {record.aside}; finishing it (services started below)")
@@ -296,7 +257,7 @@ def _settle(db: Database, record: RunRecord, tell: Callable[[str], None], who: s
     for name in record.databases:
         if name == production or name == record.aside:
             continue
-        if database_exists(db, name):
+        if postgres.database_exists(db, name):
             postgres.drop_database(db, name)
             tell(f"dropped {name}, left by {who}" + ("" if swapped else "; production was never touched"))
     if not record.databases and not swapped:
