@@ -46,9 +46,6 @@ quiet_prefect()
 import psycopg  # noqa: E402
 from psycopg.conninfo import make_conninfo  # noqa: E402
 
-GB_ROWS = None  # filled from demo.sample_data.rows_for_size(1 GiB)
-
-
 def say(text: str = "") -> None:
     print(text, flush=True)
 
@@ -69,6 +66,13 @@ def timed(cmd: str, env: dict[str, str]) -> float:
     return time.monotonic() - t0
 
 
+def new_database(admin: str, name: str) -> str:
+    """Create an empty database; its conninfo."""
+    with psycopg.connect(admin, autocommit=True) as conn:
+        conn.execute(f'CREATE DATABASE "{name}"')
+    return make_conninfo(admin, dbname=name)
+
+
 def rename_pair(admin: str, a: str, a_to: str, b: str, b_to: str) -> float:
     t0 = time.monotonic()
     with psycopg.connect(admin, autocommit=True) as conn, conn.transaction():
@@ -79,6 +83,7 @@ def rename_pair(admin: str, a: str, a_to: str, b: str, b_to: str) -> float:
 
 def bench_size(admin: str, rows: int, work: Path) -> dict[str, Any]:
     from demo.sample_data import build
+    from demo.service import runbooks_section
     from flows.backup_database import backup_database
     from flows.database_recovery import database_recovery
     from flows.restore_test import restore_test
@@ -87,9 +92,7 @@ def bench_size(admin: str, rows: int, work: Path) -> dict[str, Any]:
     from tasks.probes import wait_until_ready
 
     name = f"rb_bench_{uuid.uuid4().hex[:6]}"
-    with psycopg.connect(admin, autocommit=True) as conn:
-        conn.execute(f'CREATE DATABASE "{name}"')
-    dsn = make_conninfo(admin, dbname=name)
+    dsn = new_database(admin, name)
     out: dict[str, Any] = {"rows": rows}
     service = None
     try:
@@ -98,7 +101,6 @@ def bench_size(admin: str, rows: int, work: Path) -> dict[str, Any]:
         with psycopg.connect(dsn) as conn:
             out["db_bytes"] = int(conn.execute("SELECT pg_database_size(current_database())").fetchone()[0])
         port = free_port()
-        argv = [sys.executable, "-m", "demo.service", "--dsn", dsn, "--port", str(port), "--redis", "none"]
         config = work / f"{name}.toml"
 
         def write(sample: float) -> None:
@@ -109,12 +111,7 @@ content_sample_percent = {sample}
 [stores.local]
 kind = "local"
 path = "{work / name}"
-[services.api]
-base_url = "http://127.0.0.1:{port}"
-database = "orders"
-ready_deadline_seconds = 60
-controller = {{ kind = "process", command = {json.dumps(argv)}, pid_file = "{work / (name + '.pid')}", log_file = "{work / (name + '.log')}", grace_seconds = 5 }}
-""")
+""" + runbooks_section(dsn, port, work, ready_deadline_seconds=60))
             os.environ["RUNBOOKS_CONFIG"] = str(config)
 
         write(0)
@@ -156,19 +153,15 @@ controller = {{ kind = "process", command = {json.dumps(argv)}, pid_file = "{wor
 
         say("  raw steps (pg_restore -j2, two renames) ...")
         raw_db = f"{name}_raw"
-        with psycopg.connect(admin, autocommit=True) as conn:
-            conn.execute(f'CREATE DATABASE "{raw_db}"')
-        t_restore = timed(f"pg_restore -j2 --exit-on-error --no-owner -d '{make_conninfo(admin, dbname=raw_db)}' "
+        t_restore = timed(f"pg_restore -j2 --exit-on-error --no-owner -d '{new_database(admin, raw_db)}' "
                           f"{archive}", pg_env)
         t_rename = rename_pair(admin, name, f"{name}_rawold", raw_db, name)
         out["raw"] = {"rto": t_restore + t_rename, "outage": t_rename, "pg_restore": t_restore}
 
         say("  manual procedure (gunzip | psql, rename) ...")
         manual_db = f"{name}_manual"
-        with psycopg.connect(admin, autocommit=True) as conn:
-            conn.execute(f'CREATE DATABASE "{manual_db}"')
         t_psql = timed(f"gunzip -c {plain_sql} | psql -q -v ON_ERROR_STOP=1 -d "
-                       f"'{make_conninfo(admin, dbname=manual_db)}' > /dev/null", pg_env)
+                       f"'{new_database(admin, manual_db)}' > /dev/null", pg_env)
         t0 = time.monotonic()
         with psycopg.connect(admin, autocommit=True) as conn:
             conn.execute(f'ALTER DATABASE "{name}" RENAME TO "{name}_manualold"')

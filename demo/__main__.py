@@ -17,7 +17,6 @@ from deployments.environment import quiet_prefect
 quiet_prefect()
 
 import argparse  # noqa: E402
-import json  # noqa: E402
 import os  # noqa: E402
 import shutil  # noqa: E402
 import socket  # noqa: E402
@@ -113,6 +112,7 @@ def _restart_drill(config: Path, dsn: str) -> str:
     import httpx
     import redis
 
+    from demo.service import runbooks_section
     from flows.service_restart import service_restart
     from tasks.config import load_settings
     from tasks.probes import wait_until_ready
@@ -125,15 +125,8 @@ def _restart_drill(config: Path, dsn: str) -> str:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    argv = [sys.executable, "-m", "demo.service", "--dsn", dsn, "--port", str(port), "--redis", cache]
     with open(config, "a") as f:
-        f.write(f"""
-[services.api]
-base_url = "http://127.0.0.1:{port}"
-database = "orders"
-watch_seconds = 5
-controller = {{ kind = "process", command = {json.dumps(argv)}, pid_file = "api.pid", log_file = "api.log", grace_seconds = 5 }}
-""")
+        f.write(runbooks_section(dsn, port, config.parent, redis_url=cache, watch_seconds=5))
     controller = load_settings().controller("api")
     step(f"starting the demo API service on port {port} (process controller, cache: {cache})")
     controller.start()

@@ -24,9 +24,12 @@ from __future__ import annotations
 import argparse
 import asyncio
 import hashlib
+import json
 import os
 import signal
+import sys
 import time
+from pathlib import Path
 from typing import Any
 
 import psycopg
@@ -53,6 +56,22 @@ class ServiceSettings(BaseModel):
 
 class Fault(BaseModel):
     mode: str
+
+
+def runbooks_section(dsn: str, port: int, state_dir: Path, redis_url: str = "none",
+                     command: list[str] | None = None, **settings: Any) -> str:
+    """The `[services.api]` section of runbooks.toml that runs this service on `port`
+    under the process controller (pid and log file in `state_dir`), writing to the
+    `orders` database: how the demo, the tests and the benchmarks configure it.
+    `command` replaces the service's argv; `settings` are more keys of the section."""
+    argv = command or [sys.executable, "-m", "demo.service", "--dsn", dsn, "--port", str(port),
+                       "--redis", redis_url]
+    keys = {"base_url": f"http://127.0.0.1:{port}", "database": "orders", **settings}
+    controller = {"kind": "process", "command": argv, "pid_file": str(state_dir / "api.pid"),
+                  "log_file": str(state_dir / "api.log"), "grace_seconds": 5}
+    inline = ", ".join(f"{k} = {json.dumps(v)}" for k, v in controller.items())  # JSON values are TOML
+    return "\n".join(["", "[services.api]", *(f"{k} = {json.dumps(v)}" for k, v in keys.items()),
+                      f"controller = {{ {inline} }}", ""])
 
 
 def create_app(settings: ServiceSettings) -> FastAPI:

@@ -12,7 +12,6 @@ from tasks import postgres
 from tasks.approval import WAIT_SECONDS
 from tasks.errors import DatabaseError, DatabaseUnavailable, RunbookError, VerificationError
 from tasks.postgres import Database
-from tasks.recovery import RecoveryError
 from tasks.report import RunReport, first_line
 
 
@@ -91,5 +90,3 @@ def find_corruption(db: Database, check_query: str | None) -> list[str]:
             findings.append(f"the check query fails: {first_line(exc)}")
     return findings
 
-
-__all__ = ["database_corruption", "find_corruption", "NoCorruptionFound", "RecoveryError"]

@@ -14,6 +14,7 @@ from datetime import datetime, timezone
 from typing import Any, Literal
 
 from prefect import flow, get_run_logger
+from psycopg import sql
 from pydantic import BaseModel
 
 from flows._common import announce
@@ -162,9 +163,6 @@ class _Recovery:
         self.swapped = False
         self.counts_at_swap: dict[str, int] | None = None
 
-    def say(self, text: str) -> None:
-        print(text)
-
     def notify(self, severity: Severity, text: str, failed: BaseException | None = None) -> None:
         ref = f" Incident: {self.incident}." if self.incident else ""
         announce(self.settings, self.run, severity, text + ref, failed=failed)
@@ -174,7 +172,7 @@ class _Recovery:
                 explicit: bool) -> RecoveryResult:
         run = self.run
         with run.step("settle earlier runs") as step:
-            self.result.cleaned_up = recovery.settle_abandoned(self.settings, self.db, self.store, self.say)
+            self.result.cleaned_up = recovery.settle_abandoned(self.settings, self.db, self.store, print)
             step.detail = "; ".join(self.result.cleaned_up) or "none left anything behind"
         self.notify(Severity.HIGH, f"Recovery of {self.db.describe()} started: restore, verify, then swap.")
         try:
@@ -288,8 +286,6 @@ class _Recovery:
             self.result.writes_stopped_at = datetime.now(timezone.utc)
             step.detail = (f"stopped {', '.join(self.services)}" if self.services else
                            "no service is configured with this database") + f"; {ended} sessions ended"
-            if self.counts_at_swap is None:
-                self.counts_at_swap = _counts_or_none(self.db, self.production)
 
     def _swap(self, manifest: Manifest) -> None:
         run, db = self.run, self.db
@@ -431,8 +427,6 @@ class _Recovery:
 
 
 def _rename(db: Database, old: str, new: str) -> None:
-    from psycopg import sql
-
     with postgres.connect(db, dbname="postgres", autocommit=True) as conn:
         conn.execute(sql.SQL("ALTER DATABASE {} RENAME TO {}").format(sql.Identifier(old), sql.Identifier(new)))
 
@@ -448,8 +442,6 @@ def _counts_or_none(db: Database, dbname: str) -> dict[str, int] | None:
 def _key_maxima(db: Database, dbname: str) -> dict[str, int]:
     """The highest integer primary key of each table of the restored copy (before anyone
     writes to it): rows above it in the pre-restore copy are the ones it lacks."""
-    from psycopg import sql
-
     out = {}
     with postgres.connect(db, dbname=dbname) as conn:
         for table, key in postgres.primary_keys(conn, db.config.schemas).items():
@@ -466,8 +458,6 @@ def _key_maxima(db: Database, dbname: str) -> dict[str, int]:
 def _reconcile(db: Database, aside: str, manifest: Manifest, maxima: dict[str, int]) -> list[str]:
     """Per table: the pre-restore copy's count against the restored one (the manifest's,
     verified), and its rows above the restored copy's highest key."""
-    from psycopg import sql
-
     if not aside:
         return ["no pre-restore copy (production was missing)"]
     lines = []

@@ -16,7 +16,7 @@ from tasks import backups, postgres
 from tasks.backup_tasks import (create_scratch, drop_scratch, fail_verification, fetch_and_check,
                                 restore_into_scratch, run_amcheck, verify_restored)
 from tasks.backups import Verification
-from tasks.concurrency import exclusive
+from tasks.concurrency import current_run, exclusive
 from tasks.config import load_settings
 from tasks.journal import Journal
 from tasks.recovery import settle_abandoned
@@ -126,7 +126,7 @@ def restore_test(database: str, backup_id: str | None = None, dry_run: bool = Fa
             backups.save_verification(store, Verification(
                 backup_id=manifest.id, passed=True, checked_at=datetime.now(timezone.utc),
                 time_to_verified_seconds=verified_after, restore_seconds=restore_seconds,
-                amcheck=amcheck, flow_run_id=_flow_run_id()))
+                amcheck=amcheck, flow_run_id=current_run()[0]))
             print(f"Restore test of {manifest.id}: verified in {verified_after:.1f} s "
                   f"({manifest.total_rows} rows match the manifest)")
             run.outcome = "passed"
@@ -198,12 +198,6 @@ def _plan(run: RunReport, db: postgres.Database, manifest: backups.Manifest, scr
     return RestoreTestResult(database=db.name, backup_id=manifest.id, passed=False, dry_run=True, plan=plan)
 
 
-def _flow_run_id() -> str | None:
-    from prefect.runtime import flow_run
-
-    return str(flow_run.id) if flow_run.id else None
-
-
 def _record_failure(store: Store, backup_id: str, exc: Exception) -> None:
     """Record a failed test so `backups list` stops calling the backup verified.
 
@@ -218,6 +212,6 @@ def _record_failure(store: Store, backup_id: str, exc: Exception) -> None:
             return
         backups.save_verification(store, Verification(
             backup_id=backup_id, passed=False, checked_at=datetime.now(timezone.utc),
-            time_to_verified_seconds=0.0, mismatches=[first_line(exc)], flow_run_id=_flow_run_id()))
+            time_to_verified_seconds=0.0, mismatches=[first_line(exc)], flow_run_id=current_run()[0]))
     except Exception:  # noqa: BLE001 - the store may be what failed; the run fails anyway
         pass

@@ -70,7 +70,8 @@ def _log() -> Any:
         return get_logger("runbooks.concurrency")
 
 
-def _current_run() -> tuple[str | None, str | None, str | None]:
+def current_run() -> tuple[str | None, str | None, str | None]:
+    """(flow run id, run name, flow name) of the run we are in; Nones outside a run."""
     from prefect.runtime import flow_run
 
     return (str(flow_run.id) if flow_run.id else None), (flow_run.name or None), (flow_run.flow_name or None)
@@ -224,7 +225,7 @@ def exclusive(kind: str, name: str, wait_seconds: float = 6 * 3600,
     (or fail at once when `refuse` gives a reason not to wait behind that holder)."""
     lock = limit_name(kind, name)
     ensure_limit(lock)
-    run_id, run_name, flow_name = _current_run()
+    run_id, run_name, flow_name = current_run()
     lease_id = _acquire(lock, wait_seconds, run_id, refuse)
     record = {"flow_run_id": run_id, "flow_run_name": run_name, "flow": flow_name, "lease_id": str(lease_id),
               "host": socket.gethostname(), "pid": os.getpid(), "since": _now()}

@@ -20,6 +20,7 @@ from datetime import datetime, timezone
 
 from pydantic import BaseModel, Field
 
+from tasks.concurrency import current_run
 from tasks.errors import StoreError
 from tasks.storage import Store
 
@@ -60,7 +61,7 @@ class Journal:
 
     @classmethod
     def begin(cls, store: Store, database: str, flow: str) -> "Journal":
-        run_id, run_name = _current_run()
+        run_id, run_name, _ = current_run()
         now = datetime.now(timezone.utc)
         record = RunRecord(id=f"{now:%Y%m%dT%H%M%SZ}-{secrets.token_hex(3)}", database=database,
                            flow=flow, flow_run_id=run_id, flow_run_name=run_name)
@@ -107,15 +108,4 @@ def unfinished(store: Store, database: str) -> list[RunRecord]:
 
 def close(store: Store, record: RunRecord, outcome: str) -> None:
     """Mark a dead run's record settled (kept: it is the history of what happened)."""
-    record.finished, record.outcome = True, outcome
-    record.updated_at = datetime.now(timezone.utc)
-    store.put_bytes(record.key, record.model_dump_json(indent=2).encode())
-
-
-def _current_run() -> tuple[str | None, str | None]:
-    try:
-        from prefect.runtime import flow_run
-
-        return (str(flow_run.id) if flow_run.id else None), (flow_run.name or None)
-    except Exception:  # noqa: BLE001 - outside a run (the CLI)
-        return None, None
+    Journal(store, record).finish(outcome)

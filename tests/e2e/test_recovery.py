@@ -5,8 +5,8 @@ through the API, and the flow-run process killed (SIGKILL) mid-restore and mid-s
 from __future__ import annotations
 
 import json
+import os
 import signal
-import sys
 import time
 import uuid
 from collections.abc import Iterator
@@ -14,13 +14,14 @@ from pathlib import Path
 from typing import Any
 
 import httpx
-import os
 import psycopg
 import pytest
 
+from demo.service import runbooks_section
 from tasks import postgres
 from tests.conftest import free_port
-from tests.e2e.conftest import BIN, base_env, deployments_by_name, flow_run, run, spawn, wait_final, wait_for
+from tests.e2e.conftest import (BIN, base_env, deployments_by_name, flow_run, run, spawn, wait_final, wait_for,
+                                write_config)
 
 SWAP_PAUSE = 4  # seconds between the two renames in this module's runs, to kill a run there
 
@@ -38,20 +39,8 @@ def stack(pg_admin: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[d
     dsn = psycopg.conninfo.make_conninfo(pg_admin, dbname=name)
     build(dsn, rows=150_000)
     port = free_port()
-    argv = [sys.executable, "-m", "demo.service", "--dsn", dsn, "--port", str(port), "--redis", "none"]
-    config = root / "runbooks.toml"
-    config.write_text(f"""
-[databases.orders]
-dsn = "{dsn}"
-[stores.local]
-kind = "local"
-path = "{root / 'backups'}"
-[services.api]
-base_url = "http://127.0.0.1:{port}"
-database = "orders"
-ready_deadline_seconds = 30
-controller = {{ kind = "process", command = {json.dumps(argv)}, pid_file = "{root / 'api.pid'}", log_file = "{root / 'api.log'}", grace_seconds = 5 }}
-""")
+    config = write_config(root / "runbooks.toml", dsn, root / "backups")
+    config.write_text(config.read_text() + runbooks_section(dsn, port, root, ready_deadline_seconds=30))
     serve_port = free_port()
     env = {**base_env(root / "home", config), "RUNBOOKS_TEST_SWAP_PAUSE": str(SWAP_PAUSE)}
     serve = spawn([str(BIN / "runbooks"), "serve", "--port", str(serve_port)], env, root / "serve.log", cwd=root)

@@ -3,13 +3,13 @@ process controller as the application, and the faults the issue names."""
 
 from __future__ import annotations
 
-import json
 import sys
 from datetime import datetime, timedelta, timezone
 
 import psycopg
 import pytest
 
+from demo.service import runbooks_section
 from flows.backup_database import backup_database
 from flows.database_recovery import database_recovery
 from flows.restore_test import restore_test
@@ -30,15 +30,7 @@ kind = "local"
 path = "{tmp_path / 'store'}"
 """
     if port:
-        argv = ", ".join(f'"{a}"' for a in [sys.executable, "-m", "demo.service", "--dsn", dsn,
-                                              "--port", str(port), "--redis", "none"])
-        text += f"""
-[services.api]
-base_url = "http://127.0.0.1:{port}"
-database = "orders"
-ready_deadline_seconds = 20
-controller = {{ kind = "process", command = [{argv}], pid_file = "{tmp_path / 'api.pid'}", log_file = "{tmp_path / 'api.log'}", grace_seconds = 5 }}
-"""
+        text += runbooks_section(dsn, port, tmp_path, ready_deadline_seconds=20)
     return text + extra
 
 
@@ -196,13 +188,8 @@ def test_a_service_that_does_not_come_back_is_undone(sample_db, tmp_path, write_
     port, flag = free_port(), tmp_path / "fail-next-start"
     service = f"{sys.executable} -m demo.service --dsn '{sample_db}' --port {port} --redis none"
     wrapper = f'if [ -e {flag} ]; then rm {flag}; echo "bad start"; exit 3; fi; exec {service}'
-    write_config(config(tmp_path, sample_db) + f"""
-[services.api]
-base_url = "http://127.0.0.1:{port}"
-database = "orders"
-ready_deadline_seconds = 6
-controller = {{ kind = "process", command = {json.dumps(["sh", "-c", wrapper])}, pid_file = "{tmp_path / 'api.pid'}", log_file = "{tmp_path / 'api.log'}", grace_seconds = 5 }}
-""")
+    write_config(config(tmp_path, sample_db) + runbooks_section(
+        sample_db, port, tmp_path, command=["sh", "-c", wrapper], ready_deadline_seconds=6))
     ctl = load_settings().controller("api")
     ctl.start()
     try:
