@@ -63,15 +63,21 @@ def api(sample_db, tmp_path, write_config):
     ctl.stop()
 
 
-def verified_backup() -> str:
+def verified_backup(restore: bool = False) -> str:
+    """A new backup of `orders`, verified: by a real restore test, or (where the restore
+    test is not what the test is about) by the record a passed one writes."""
     backup_id = backup_database("orders").backup_id
-    assert restore_test("orders", backup_id=backup_id).passed
+    if restore:
+        assert restore_test("orders", backup_id=backup_id).passed
+    else:
+        backups.save_verification(load_settings().open_store("local"), backups.Verification(
+            backup_id=backup_id, passed=True, checked_at=datetime.now(timezone.utc), time_to_verified_seconds=0))
     return backup_id
 
 
 def test_recovers_deleted_rows_with_the_service_running(api, sample_db, pg_admin):
     ctl, url = api
-    backup_id = verified_backup()
+    backup_id = verified_backup(restore=True)
     good = counts(sample_db)
     with psycopg.connect(sample_db) as conn:
         conn.execute("DELETE FROM order_items WHERE id % 3 = 0")
