@@ -17,18 +17,20 @@ import os
 import re
 import shutil
 import signal
+import ssl
 import subprocess
 import time
 from datetime import datetime, timezone
 from abc import ABC, abstractmethod
 from collections import deque
 from pathlib import Path
-from typing import Annotated, Literal, Union
+from typing import Annotated, Any, Literal, Union
 
 import httpx
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator
 
 from tasks.errors import RunbookError
+from tasks.report import first_line
 from tasks.prometheus import DEFAULT_ERROR_RATE_QUERY
 
 
@@ -38,6 +40,10 @@ DEFAULT_LOG_ERROR_PATTERN = r"(?i)\b(error|critical|fatal|panic|traceback)\b"
 
 class ServiceError(RunbookError):
     """A controller could not do what was asked; the message names the service."""
+
+
+SERVICE_ACCOUNT = Path("/var/run/secrets/kubernetes.io/serviceaccount")  # a pod's own credentials
+ROLLOUT_POLL_SECONDS = 1.0  # between reads of a deployment's rollout
 
 
 class ProcessControllerConfig(BaseModel):
@@ -360,35 +366,105 @@ class DockerController(_OneInstance):
 
 
 class KubernetesControllerConfig(BaseModel):
-    """`[services.<name>.controller] kind = "kubernetes"`: one Deployment."""
+    """`[services.<name>.controller] kind = "kubernetes"`: one Deployment.
+
+    Credentials are found as kubectl finds them: `api_url` (with `token`) if given; else,
+    inside a pod, its service account; else the kubeconfig (`kubeconfig`, $KUBECONFIG or
+    ~/.kube/config) at `context`, exec credential plugins (EKS, GKE) included."""
 
     model_config = ConfigDict(extra="forbid")
 
     kind: Literal["kubernetes"] = "kubernetes"
-    api_url: str = Field(description="e.g. https://kubernetes.default.svc")
-    token: SecretStr | None = Field(None, description="bearer token (a secret)")
+    api_url: str | None = Field(None, description="e.g. https://kubernetes.default.svc; empty: the pod's "
+                                "service account, else the kubeconfig")
+    token: SecretStr | None = Field(None, description="bearer token for api_url (a secret)")
     ca_file: Path | None = None
-    namespace: str = "default"
+    kubeconfig: Path | None = Field(None, description="empty: $KUBECONFIG, else ~/.kube/config")
+    context: str | None = Field(None, description="kubeconfig context; empty: its current-context")
+    namespace: str | None = Field(None, description="empty: the context's or the pod's namespace, else default")
     deployment: str
     replicas: int = Field(3, ge=1, description="what `start` scales back to")
-    timeout_seconds: float = Field(30, gt=0)
+    timeout_seconds: float = Field(30, gt=0, description="one API call")
+    rollout_timeout_seconds: float = Field(600, gt=0, description="how long a restart or a start may take "
+                                           "to roll out (as `kubectl rollout status --timeout`)")
+
+
+class _Credentials:
+    """Where the API is and how to authenticate. The token is read again before each call
+    when it can expire (an exec plugin's, a service account's); the kubernetes client
+    refreshes it only once it has."""
+
+    def __init__(self, name: str, config: KubernetesControllerConfig) -> None:
+        self.namespace = config.namespace
+        if config.api_url:
+            self.host, self.verify = config.api_url, _tls(str(config.ca_file) if config.ca_file else None)
+            token = config.token.get_secret_value() if config.token else ""
+            self._auth = lambda: {"Authorization": f"Bearer {token}"} if token else {}
+            return
+        from kubernetes import client, config as kube
+        from kubernetes.config.incluster_config import InClusterConfigLoader
+
+        cfg = client.Configuration()
+        try:
+            if (os.environ.get("KUBERNETES_SERVICE_HOST") and (SERVICE_ACCOUNT / "token").is_file()
+                    and config.kubeconfig is None and config.context is None):
+                InClusterConfigLoader(token_filename=str(SERVICE_ACCOUNT / "token"),
+                                      cert_filename=str(SERVICE_ACCOUNT / "ca.crt")).load_and_set(cfg)
+                ns_file = SERVICE_ACCOUNT / "namespace"
+                self.namespace = self.namespace or (ns_file.read_text().strip() if ns_file.is_file() else None)
+            else:  # as kubectl: --kubeconfig, else $KUBECONFIG (a list of files), else ~/.kube/config
+                path = str(config.kubeconfig or os.environ.get("KUBECONFIG") or Path("~/.kube/config").expanduser())
+                kube.load_kube_config(config_file=path, context=config.context, client_configuration=cfg)
+                contexts, active = kube.list_kube_config_contexts(config_file=path)
+                chosen = next((c for c in contexts if c["name"] == config.context), None) if config.context else active
+                self.namespace = self.namespace or ((chosen or {}).get("context") or {}).get("namespace")
+        except (kube.ConfigException, OSError, ValueError, TypeError) as exc:
+            raise ServiceError(f"service '{name}': no usable Kubernetes credentials: {_no_secrets(exc)}") from None
+        self.host = cfg.host
+        self.verify = _tls(cfg.ssl_ca_cert, (cfg.cert_file, cfg.key_file) if cfg.cert_file else None) \
+            if cfg.verify_ssl else False
+
+        def auth() -> dict[str, str]:
+            if cfg.refresh_api_key_hook is not None:
+                cfg.refresh_api_key_hook(cfg)
+            key = cfg.get_api_key_with_prefix("BearerToken") or cfg.get_api_key_with_prefix("authorization")
+            scheme, _, token = (key or "").partition(" ")
+            return {"Authorization": f"{scheme.capitalize()} {token}"} if token else {}
+
+        self._auth = auth
+
+    def headers(self) -> dict[str, str]:
+        return self._auth()
+
+
+def _tls(ca_file: str | None, client_cert: tuple[str, str] | None = None) -> ssl.SSLContext:
+    """Verify the API server against `ca_file` (else the system's CAs); present a client
+    certificate where the kubeconfig has one."""
+    context = ssl.create_default_context(cafile=ca_file)
+    if client_cert:
+        context.load_cert_chain(*client_cert)
+    return context
+
+
+def _no_secrets(exc: BaseException) -> str:
+    return first_line(exc)[:300] if not isinstance(exc, OSError) else f"{exc.strerror}: {exc.filename}"
 
 
 class KubernetesController(Controller):
     def __init__(self, name: str, config: KubernetesControllerConfig) -> None:
         self.name, self.config = name, config
-        headers = {"Accept": "application/json"}
-        if config.token:
-            headers["Authorization"] = f"Bearer {config.token.get_secret_value()}"
-        self.client = httpx.Client(base_url=config.api_url.rstrip("/"), headers=headers,
-                                   timeout=config.timeout_seconds,
-                                   verify=str(config.ca_file) if config.ca_file else True)
-        self.path = f"/apis/apps/v1/namespaces/{config.namespace}/deployments/{config.deployment}"
+        self.credentials = _Credentials(name, config)
+        self.namespace = self.credentials.namespace or "default"
+        self.client = httpx.Client(base_url=self.credentials.host.rstrip("/"), headers={"Accept": "application/json"},
+                                   timeout=config.timeout_seconds, verify=self.credentials.verify)
+        self.path = f"/apis/apps/v1/namespaces/{self.namespace}/deployments/{config.deployment}"
+        self.what = f"deployment {self.namespace}/{config.deployment}"
 
-    def _call(self, method: str, path: str, **kwargs: object) -> httpx.Response:
-        what = f"deployment {self.config.namespace}/{self.config.deployment}"
+    def _call(self, method: str, path: str, **kwargs: Any) -> httpx.Response:
+        what = self.what
+        kwargs["headers"] = {**self.credentials.headers(), **kwargs.get("headers", {})}
         try:
-            r = self.client.request(method, path, **kwargs)  # type: ignore[arg-type]
+            r = self.client.request(method, path, **kwargs)
         except httpx.HTTPError as exc:
             raise ServiceError(f"service '{self.name}': Kubernetes API unreachable: {type(exc).__name__}") from None
         if r.status_code in (401, 403):
@@ -416,17 +492,51 @@ class KubernetesController(Controller):
         return self.status()
 
     def start(self) -> ServiceStatus:
-        return self.scale(self.config.replicas)
+        """Scale back up and wait until the replicas are rolled out and available."""
+        self.scale(self.config.replicas)
+        return self.wait_rollout()
 
     def stop(self) -> ServiceStatus:
         return self.scale(0)
+
+    def rollout_status(self) -> tuple[bool, str]:
+        """`kubectl rollout status`'s verdict on the deployment: (done, what it waits for)."""
+        d = self._call("GET", self.path).json()
+        meta, spec, st = d.get("metadata") or {}, d.get("spec") or {}, d.get("status") or {}
+        if meta.get("generation", 0) > st.get("observedGeneration", 0):
+            return False, "waiting for the deployment spec update to be observed"
+        if any(c.get("type") == "Progressing" and c.get("reason") == "ProgressDeadlineExceeded"
+               for c in st.get("conditions") or []):
+            raise ServiceError(f"service '{self.name}': {self.what} exceeded its progress deadline")
+        want, updated = spec.get("replicas", 1), st.get("updatedReplicas", 0)
+        total, available = st.get("replicas", 0), st.get("availableReplicas", 0)
+        if updated < want:
+            return False, f"{updated} out of {want} new replicas have been updated"
+        if total > updated:
+            return False, f"{total - updated} old replicas are pending termination"
+        if available < updated:
+            return False, f"{available} of {updated} updated replicas are available"
+        return True, "successfully rolled out"
+
+    def wait_rollout(self) -> ServiceStatus:
+        """Wait as `kubectl rollout status --timeout=<rollout_timeout_seconds>s` does."""
+        timeout = self.config.rollout_timeout_seconds
+        deadline = time.monotonic() + timeout
+        while True:
+            done, waiting = self.rollout_status()
+            if done:
+                return self.status()
+            if time.monotonic() >= deadline:
+                raise ServiceError(f"service '{self.name}': rollout of {self.what} not finished after "
+                                   f"{timeout:g}s: {waiting}")
+            time.sleep(ROLLOUT_POLL_SECONDS)
 
     def leftovers(self) -> list[str]:
         """The deployment's pods that still exist (terminating ones included)."""
         try:
             labels = self._call("GET", self.path).json()["spec"]["selector"]["matchLabels"]
             selector = ",".join(f"{k}={v}" for k, v in sorted(labels.items()))
-            pods = self._call("GET", f"/api/v1/namespaces/{self.config.namespace}/pods",
+            pods = self._call("GET", f"/api/v1/namespaces/{self.namespace}/pods",
                               params={"labelSelector": selector}).json().get("items", [])
             return [f"pod {p['metadata']['name']}" for p in pods]
         except (KeyError, TypeError, ValueError, AttributeError):
@@ -434,18 +544,19 @@ class KubernetesController(Controller):
                                "listing the deployment's pods") from None
 
     def restart(self) -> ServiceStatus:
-        """What `kubectl rollout restart` does: a new pod template annotation."""
+        """What `kubectl rollout restart` does (a new pod template annotation), then wait
+        for the rollout as `kubectl rollout status` does."""
         stamp = datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
         patch = {"spec": {"template": {"metadata": {"annotations": {"kubectl.kubernetes.io/restartedAt": stamp}}}}}
         self._call("PATCH", self.path, json=patch,
                    headers={"Content-Type": "application/strategic-merge-patch+json"})
-        return self.status()
+        return self.wait_rollout()
 
     def logs(self, lines: int = 100, since: datetime | None = None) -> list[str]:
         try:
             labels = self._call("GET", self.path).json()["spec"]["selector"]["matchLabels"]
             selector = ",".join(f"{k}={v}" for k, v in sorted(labels.items()))
-            pods = self._call("GET", f"/api/v1/namespaces/{self.config.namespace}/pods",
+            pods = self._call("GET", f"/api/v1/namespaces/{self.namespace}/pods",
                               params={"labelSelector": selector}).json().get("items", [])
             names = [p["metadata"]["name"] for p in pods if since is None or
                      datetime.fromisoformat(p["metadata"]["creationTimestamp"]) >= since.replace(microsecond=0)]
@@ -455,8 +566,8 @@ class KubernetesController(Controller):
         out: list[str] = []
         for pod_name in names:  # since: only the pods this restart created, not the old ones going away
             try:
-                r = self.client.get(f"/api/v1/namespaces/{self.config.namespace}/pods/{pod_name}/log",
-                                    params={"tailLines": lines})
+                r = self.client.get(f"/api/v1/namespaces/{self.namespace}/pods/{pod_name}/log",
+                                    params={"tailLines": lines}, headers=self.credentials.headers())
             except httpx.HTTPError as exc:
                 raise ServiceError(f"service '{self.name}': Kubernetes API unreachable: "
                                    f"{type(exc).__name__}") from None
