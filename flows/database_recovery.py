@@ -106,9 +106,11 @@ def database_recovery(database: str, restore_point: datetime | None = None, back
 def recover(title: str, flow_name: str, database: str, restore_point: datetime | None,
             backup_id: str | None, stop_writes: StopWrites, auto_approve: bool, dry_run: bool,
             incident: str | None, approval_timeout_minutes: float, why: str,
-            before: Callable[[RunReport, Database], list[str]] | None = None) -> RecoveryResult:
+            before: Callable[[RunReport, Database], list[str]] | None = None,
+            tables: list[str] | None = None) -> RecoveryResult:
     """The recovery every recovery flow runs (`before` adds the flow's own findings to
-    the evidence, e.g. what pg_amcheck reported)."""
+    the evidence, e.g. what pg_amcheck reported). With `tables`, only those tables are
+    restored, into the live database."""
     settings = load_settings()
     db = settings.database(database)
     if backup_id is not None:
@@ -124,15 +126,21 @@ def recover(title: str, flow_name: str, database: str, restore_point: datetime |
         with run.step("find backups") as step:
             tried = recovery.candidates(store, database, point, backup_id)
             step.detail = f"{tried[0].manifest.id}" + (f" (and {len(tried) - 1} older verified)" if len(tried) > 1 else "")
+        if tables:
+            recovery.resolve_tables(tables, tried[0].manifest)
+            recovery.check_row_replacement(db)
         findings = before(run, db) if before else []
         with run.step("assess the damage") as step:
             assessment = recovery.assess(db, tried[0].manifest)
             step.detail = "; ".join(assessment.lines()[:5])
         if dry_run:
-            return _plan(run, db, tried[0].manifest, assessment, services, stop_writes, findings)
+            return _plan(run, db, tried[0].manifest, assessment, services, stop_writes, findings, tables)
         lock_refusal = _refuse_second_recovery(database)
         with exclusive("database", database, refuse=lock_refusal):
             recovery_run = _Recovery(settings, db, store, run, flow_name, services, incident, why)
+            if tables:
+                return recovery_run.execute_tables(tried, assessment, tables, auto_approve,
+                                                   approval_timeout_minutes, backup_id is not None)
             return recovery_run.execute(tried, assessment, findings, stop_writes, auto_approve,
                                         approval_timeout_minutes, backup_id is not None)
 
@@ -221,6 +229,96 @@ class _Recovery:
                                    f"outage {r.outage_seconds:.1f} s, data-loss window "
                                    f"{_duration(r.data_loss_window_seconds)}.")
         return r
+
+    def execute_tables(self, tried: list[backups.Backup], assessment: Assessment, names: list[str],
+                       auto_approve: bool, timeout_minutes: float, explicit: bool) -> RecoveryResult:
+        """Restore only `names`, into the live database: stage them in a side schema,
+        verify, and after approval swap their rows in one transaction (the replaced rows
+        kept in a schema of their own). Services keep running; writers of those tables
+        wait for the swap's lock."""
+        run, db, r = self.run, self.db, self.result
+        with run.step("settle earlier runs") as step:
+            r.cleaned_up = recovery.settle_abandoned(self.settings, db, self.store, print)
+            step.detail = "; ".join(r.cleaned_up) or "none left anything behind"
+        self.notify(Severity.HIGH, f"Restore of tables {', '.join(names)} of {db.describe()} started.")
+        now = datetime.now(timezone.utc)
+        side, aside = f"runbooks_restore_{now:{recovery.STAMP}}", f"runbooks_pre_restore_{now:{recovery.STAMP}}"
+        try:
+            spool, manifest = self._fetch(tried, explicit)
+            tables = recovery.resolve_tables(names, manifest)
+            assessment = assessment.against(manifest)
+            r.assessment = [d.line() for d in assessment.differences if d.table in tables] or assessment.lines()[:1]
+            r.backup_id, r.backup_taken_at = manifest.id, manifest.started_at
+            run.figure("Backup", f"{manifest.id} (taken {manifest.started_at:%Y-%m-%d %H:%M:%S} UTC)")
+            run.figure("Tables", ", ".join(tables))
+            self._restore_and_verify(spool, manifest)
+            with run.step("stage the tables in production") as step:
+                self.journal.note("staging tables", side_schema=side, aside_schema=aside)
+                recovery.stage_tables(db, self.restored or "", side, tables)
+                step.detail = f"schema {side} of {self.production}"
+            with run.step("verify the staged tables") as step:
+                with postgres.connect(db) as conn:
+                    problems = recovery.verify_tables(conn, side, tables, manifest, db)
+                if problems:
+                    raise fail_verification(manifest, problems)
+                step.detail = f"{sum(manifest.tables[t] for t in tables)} rows, as in the manifest"
+            with run.step("drop the restored copy"):
+                drop_scratch(db, self.restored or "")
+                self.restored = None
+            decision = approve(run, f"replace the rows of {', '.join(tables)} in {self.production}",
+                               [f"**Now vs the backup:** {'; '.join(r.assessment)}",
+                                f"**Backup:** {manifest.id}, taken {manifest.started_at:%Y-%m-%d %H:%M:%S} UTC",
+                                f"**What happens:** in one transaction, the current rows of {', '.join(tables)} "
+                                f"are kept in schema {aside} and replaced by the backup's; other tables are not "
+                                "touched, the services keep running"],
+                               auto_approve, wait_seconds=max(1, int(timeout_minutes * 60)),
+                               before_wait=lambda: self.notify(Severity.HIGH, f"Table restore of {db.name} waits for approval."))
+            r.approver = decision.approver
+            with run.step("swap the tables in (one transaction)") as step:
+                self.journal.note("swapping tables")
+                r.writes_stopped_at = datetime.now(timezone.utc)
+                locked, dangling = recovery.swap_tables(db, tables, side, aside, manifest)
+                step.detail = f"tables locked {locked:.2f} s; counts and content as in the manifest"
+        except BaseException as exc:
+            self._abandon_tables(exc, side)
+            raise
+        r.ready_at = datetime.now(timezone.utc)
+        r.outage_seconds, r.rto_seconds = locked, run.elapsed
+        r.data_loss_window_seconds = (r.writes_stopped_at - manifest.started_at).total_seconds()
+        r.pre_restore_database = f"{self.production} (schema {aside})"
+        r.reconciliation = recovery.table_reconciliation(db, aside, tables, manifest) + dangling
+        r.recovered, r.outcome = True, "recovered"
+        run.outcome = "recovered"
+        r.steps = {s.name: round(s.seconds, 3) for s in run.steps}
+        self.journal.finish("tables restored")
+        self._figures(manifest)
+        run.figure("Outage (writes stopped to ready)", f"{locked:.2f} s (the tables were locked for the swap)")
+        self.notify(Severity.INFO, f"Tables {', '.join(tables)} of {db.name} restored from {manifest.id}; "
+                                   f"replaced rows kept in schema {aside}.")
+        return r
+
+    def _abandon_tables(self, exc: BaseException, side: str) -> None:
+        """Nothing was swapped (the swap is one transaction): drop the staging schema and
+        the restored copy."""
+        left = []
+        try:
+            with postgres.connect(self.db, autocommit=True) as conn:
+                conn.execute(sql.SQL("DROP SCHEMA IF EXISTS {} CASCADE").format(sql.Identifier(side)))
+        except Exception as err:  # noqa: BLE001 - the record stays open for the next run
+            left.append(f"schema {side} ({first_line(err)})")
+        if self.restored:
+            try:
+                drop_scratch(self.db, self.restored)
+            except Exception as err:  # noqa: BLE001
+                left.append(f"{self.restored} ({first_line(err)})")
+        declined = type(exc).__name__ == "NotApproved"
+        self.run.outcome = "not approved" if declined else "failed"
+        if not left:
+            self.journal.finish("declined: nothing changed" if declined else f"failed, nothing changed: {first_line(exc)}")
+        if isinstance(exc, Exception):
+            self.notify(Severity.HIGH, f"Table restore of {self.db.name} {'was not approved' if declined else 'failed'}; "
+                        "production's tables are unchanged." + (f" Left for the next run: {'; '.join(left)}" if left else ""),
+                        failed=None if declined else exc)
 
     # -- steps -------------------------------------------------------------------------
 
@@ -541,7 +639,7 @@ We sincerely apologize for the disruption.
 
 
 def _plan(run: RunReport, db: Database, manifest: Manifest, assessment: Assessment, services: list[str],
-          stop_writes: StopWrites, findings: list[str]) -> RecoveryResult:
+          stop_writes: StopWrites, findings: list[str], tables: list[str] | None = None) -> RecoveryResult:
     with run.step("check server"):
         can_create = postgres.can_create_database(db)
     plan = [*findings,
@@ -551,9 +649,12 @@ def _plan(run: RunReport, db: Database, manifest: Manifest, assessment: Assessme
                                                                  " (WARNING: this role cannot CREATE DATABASE)"),
             f"verify {len(manifest.tables)} tables / {manifest.total_rows} rows"
             + (f" and {len(manifest.content)} content checksums" if manifest.content else ""),
-            ("stop " + ", ".join(services) if services else "no services to stop")
-            + (" before the restore" if stop_writes == "before_restore" else " at the swap"),
-            f"rename {db.dbname} aside (kept), the restored copy to {db.dbname}; start the services"]
+            *((f"stage {', '.join(recovery.resolve_tables(tables, manifest))} in a side schema of {db.dbname}, "
+               "verify them, then replace their rows in one transaction (the current rows kept in a schema); "
+               "the services keep running",) if tables else
+              (("stop " + ", ".join(services) if services else "no services to stop")
+               + (" before the restore" if stop_writes == "before_restore" else " at the swap"),
+               f"rename {db.dbname} aside (kept), the restored copy to {db.dbname}; start the services"))]
     run.outcome = "planned (dry run)"
     for line in plan:
         print(f"Plan: {line}")

@@ -45,6 +45,8 @@ class RunRecord(BaseModel):
     aside: str | None = None  # what production is renamed to on promotion
     restored: str | None = None  # the restored database promoted in its place
     services_stopped: list[str] = Field(default_factory=list)
+    side_schema: str | None = None  # a table restore's staging schema in production
+    aside_schema: str | None = None  # where a table restore keeps the replaced rows
     finished: bool = False
     outcome: str = ""
 

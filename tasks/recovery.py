@@ -247,6 +247,13 @@ def settle_abandoned(settings: Settings, db: Database, store: Store,
 
 def _settle(db: Database, record: RunRecord, tell: Callable[[str], None], who: str) -> str:
     production = record.production or db.dbname
+    if record.side_schema:
+        with postgres.connect(db, dbname=production, autocommit=True) as conn:
+            if schema_exists(conn, record.aside_schema or ""):
+                tell(f"{who} had swapped its tables in; the replaced rows are kept in schema {record.aside_schema}")
+            if schema_exists(conn, record.side_schema):
+                conn.execute(sql.SQL("DROP SCHEMA {} CASCADE").format(sql.Identifier(record.side_schema)))
+                tell(f"dropped schema {record.side_schema} of {production}, left by {who}")
     swapped = bool(record.aside and postgres.database_exists(db, record.aside))
     if swapped:
         tell(f"{who} had completed the swap: {production} is the restored database, the original "
@@ -263,6 +270,169 @@ def _settle(db: Database, record: RunRecord, tell: Callable[[str], None], who: s
     if not record.databases and not swapped:
         tell(f"{who} had created nothing")
     return outcome
+
+
+# --- restoring single tables ---------------------------------------------------------------
+
+def resolve_tables(names: list[str], manifest: Manifest) -> list[str]:
+    """`orders` or `public.orders` -> `public.orders`, as the backup has it; anything the
+    backup does not hold is refused, listing what it does hold."""
+    out = []
+    for name in names:
+        found = [t for t in manifest.tables if t == name or t.split(".", 1)[1] == name]
+        if len(found) != 1:
+            why = "is ambiguous" if found else "is not in the backup"
+            raise RecoveryError(f"table {name!r} {why} ({manifest.id} holds: {', '.join(sorted(manifest.tables))}); "
+                                "nothing was changed")
+        if found[0] not in out:
+            out.append(found[0])
+    return out
+
+
+def schema_exists(conn, name: str) -> bool:  # type: ignore[no-untyped-def]
+    return conn.execute("SELECT 1 FROM pg_namespace WHERE nspname = %s", (name,)).fetchone() is not None
+
+
+def _columns(conn, table: str) -> list[str]:  # type: ignore[no-untyped-def]
+    """The columns a row copy writes (not dropped, not generated), in table order."""
+    rows = conn.execute("""SELECT attname FROM pg_attribute WHERE attrelid = %s::regclass AND attnum > 0
+                           AND NOT attisdropped AND attgenerated = '' ORDER BY attnum""",
+                        (_qualified(table).as_string(conn),)).fetchall()
+    return [r[0] for r in rows]
+
+
+def _qualified(table: str) -> sql.Identifier:
+    schema, name = table.split(".", 1)
+    return sql.Identifier(schema, name)
+
+
+def check_row_replacement(db: Database) -> None:
+    """A table restore replaces rows with foreign-key triggers off (so that no ON DELETE
+    CASCADE reaches other tables): the role must be allowed to do that."""
+    try:
+        with postgres.connect(db) as conn:
+            conn.execute("SET LOCAL session_replication_role = replica")
+            conn.rollback()
+    except (DatabaseError, DatabaseUnavailable):
+        raise
+    except Exception as exc:  # noqa: BLE001 - psycopg's InsufficientPrivilege
+        raise RecoveryError(f"{db.describe()}: restoring single tables needs a role that may set "
+                            f"session_replication_role (a superuser, or rds_superuser on RDS): "
+                            f"{first_line(exc)}; nothing was changed") from None
+
+
+@task(name="stage-tables", cache_policy=NO_CACHE)
+def stage_tables(db: Database, restored: str, side: str, tables: list[str]) -> None:
+    """Copy each table from the restored copy into schema `side` of production (binary
+    COPY, the production table's structure and indexes)."""
+    with postgres.connect(db) as live, postgres.connect(db, dbname=restored) as src:
+        live.execute(sql.SQL("CREATE SCHEMA {}").format(sql.Identifier(side)))
+        for table in tables:
+            if not live.execute("SELECT to_regclass(%s)", (_qualified(table).as_string(live),)).fetchone()[0]:
+                raise RecoveryError(f"table {table} does not exist in production (dropped?): restore the whole "
+                                    "database instead (leave `tables` empty)")
+            cols = _columns(src, table)
+            staged = sql.Identifier(side, table.split(".", 1)[1])
+            live.execute(sql.SQL("CREATE TABLE {} (LIKE {} INCLUDING DEFAULTS INCLUDING GENERATED INCLUDING INDEXES)").format(
+                staged, _qualified(table)))
+            names = sql.SQL(", ").join(map(sql.Identifier, cols))
+            with src.cursor().copy(sql.SQL("COPY {} ({}) TO STDOUT (FORMAT BINARY)").format(_qualified(table), names)) as out, \
+                    live.cursor().copy(sql.SQL("COPY {} ({}) FROM STDIN (FORMAT BINARY)").format(staged, names)) as into:
+                for data in out:
+                    into.write(data)
+        live.commit()
+
+
+def verify_tables(conn, schema: str | None, tables: list[str], manifest: Manifest,  # type: ignore[no-untyped-def]
+                  db: Database) -> list[str]:
+    """Counts and content checksums of `tables` (read from `schema` instead of their own,
+    if given) against the manifest, in the connection's transaction."""
+    problems = []
+    for table in tables:
+        where = sql.Identifier(schema, table.split(".", 1)[1]) if schema else _qualified(table)
+        got = int(conn.execute(sql.SQL("SELECT count(*) FROM {}").format(where)).fetchone()[0])
+        if got != manifest.tables[table]:
+            problems.append(f"{table}: {got} rows, manifest says {manifest.tables[table]}")
+    wanted = {t: f"{schema}.{t.split('.', 1)[1]}" if schema else t for t in tables if t in manifest.content}
+    if wanted:
+        sampled = postgres.content_sample(conn, sorted({w.split(".", 1)[0] for w in wanted.values()}),
+                                          manifest.sample_percent, tables=list(wanted.values()))
+        problems += postgres.compare_content({t: manifest.content[t] for t in wanted},
+                                             {t: sampled[w] for t, w in wanted.items() if w in sampled})
+    return problems
+
+
+def swap_tables(db: Database, tables: list[str], side: str, aside: str, manifest: Manifest,
+                lock_timeout_seconds: float = 10) -> tuple[float, list[str]]:
+    """In one transaction: keep each table's current rows in schema `aside`, replace them
+    with the staged ones, check counts and content against the manifest (any difference
+    rolls everything back), report rows of other tables whose foreign keys now point
+    nowhere, drop the staging schema. Returns (seconds the tables were locked, findings)."""
+    with postgres.connect(db) as conn:
+        conn.execute(sql.SQL("SET LOCAL lock_timeout = {}").format(sql.Literal(f"{int(lock_timeout_seconds * 1000)}ms")))
+        conn.execute("SET LOCAL session_replication_role = replica")  # no FK cascades into other tables
+        t0 = time.monotonic()
+        for table in tables:
+            conn.execute(sql.SQL("LOCK TABLE {} IN ACCESS EXCLUSIVE MODE").format(_qualified(table)))
+        conn.execute(sql.SQL("CREATE SCHEMA {}").format(sql.Identifier(aside)))
+        for table in tables:
+            name = table.split(".", 1)[1]
+            cols = sql.SQL(", ").join(map(sql.Identifier, _columns(conn, table)))
+            conn.execute(sql.SQL("CREATE TABLE {} AS TABLE {}").format(sql.Identifier(aside, name), _qualified(table)))
+            conn.execute(sql.SQL("DELETE FROM {}").format(_qualified(table)))
+            conn.execute(sql.SQL("INSERT INTO {t} ({c}) OVERRIDING SYSTEM VALUE SELECT {c} FROM {s}").format(
+                t=_qualified(table), c=cols, s=sql.Identifier(side, name)))
+        conn.execute("SET LOCAL session_replication_role = origin")
+        problems = verify_tables(conn, None, tables, manifest, db)
+        if problems:
+            conn.rollback()
+            raise RecoveryError("the swapped-in tables differ from the manifest, so the swap was rolled back "
+                                f"(production unchanged): {'; '.join(problems[:5])}")
+        findings = dangling_references(conn, tables)
+        conn.execute(sql.SQL("DROP SCHEMA {} CASCADE").format(sql.Identifier(side)))
+        conn.commit()
+        return time.monotonic() - t0, findings
+
+
+def dangling_references(conn, tables: list[str]) -> list[str]:  # type: ignore[no-untyped-def]
+    """Rows whose foreign key into or out of `tables` finds no row (the restored tables
+    and the rest of the database come from different moments)."""
+    fks = conn.execute(
+        """SELECT c.conname, cn.nspname, cr.relname, pn.nspname, pr.relname,
+                  array(SELECT attname FROM unnest(c.conkey) WITH ORDINALITY k(n, o)
+                        JOIN pg_attribute a ON a.attrelid = c.conrelid AND a.attnum = k.n ORDER BY o),
+                  array(SELECT attname FROM unnest(c.confkey) WITH ORDINALITY k(n, o)
+                        JOIN pg_attribute a ON a.attrelid = c.confrelid AND a.attnum = k.n ORDER BY o)
+           FROM pg_constraint c
+           JOIN pg_class cr ON cr.oid = c.conrelid JOIN pg_namespace cn ON cn.oid = cr.relnamespace
+           JOIN pg_class pr ON pr.oid = c.confrelid JOIN pg_namespace pn ON pn.oid = pr.relnamespace
+           WHERE c.contype = 'f' AND (cn.nspname || '.' || cr.relname = ANY(%s) OR pn.nspname || '.' || pr.relname = ANY(%s))""",
+        (tables, tables)).fetchall()
+    out = []
+    for name, cschema, ctable, pschema, ptable, ccols, pcols in fks:
+        child, parent = f"{cschema}.{ctable}", f"{pschema}.{ptable}"
+        join = sql.SQL(" AND ").join(sql.SQL("p.{} = c.{}").format(sql.Identifier(pc), sql.Identifier(cc))
+                                     for cc, pc in zip(ccols, pcols))
+        notnull = sql.SQL(" AND ").join(sql.SQL("c.{} IS NOT NULL").format(sql.Identifier(cc)) for cc in ccols)
+        q = sql.SQL("SELECT count(*) FROM {child} c WHERE {nn} AND NOT EXISTS (SELECT 1 FROM {parent} p WHERE {j})").format(
+            child=sql.Identifier(cschema, ctable), parent=sql.Identifier(pschema, ptable), nn=notnull, j=join)
+        n = int(conn.execute(q).fetchone()[0])
+        if n:
+            out.append(f"{child}: {n} rows reference {parent} rows that are not there (foreign key {name})")
+    return out
+
+
+def table_reconciliation(db: Database, aside: str, tables: list[str], manifest: Manifest) -> list[str]:
+    """Per table: what the kept rows (schema `aside`) hold against the restored ones."""
+    lines = []
+    with postgres.connect(db) as conn:
+        for table in tables:
+            name = table.split(".", 1)[1]
+            before = int(conn.execute(sql.SQL("SELECT count(*) FROM {}").format(sql.Identifier(aside, name))).fetchone()[0])
+            after = manifest.tables[table]
+            lines.append(f"{table}: replaced rows {before}, restored {after} ({after - before:+d}); "
+                         f"the replaced rows are in {aside}.{name}")
+    return lines
 
 
 # --- cleanup -------------------------------------------------------------------------------

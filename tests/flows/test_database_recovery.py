@@ -266,3 +266,89 @@ def test_corruption_is_confirmed_before_anything_changes(api, sample_db, pg_admi
     assert ctl.status().running and ctl.status().pid != pid
     # before_restore: writes stopped before the restore, so the outage covers it too.
     assert result.outage_seconds > result.rto_seconds * 0.3
+
+
+def test_data_loss_restores_only_the_named_tables_into_the_live_database(api, sample_db, pg_admin):
+    """order_items goes back to the backup; audit_logs (written since) is untouched; the
+    service never stops; the replaced rows are kept; an order written after the backup
+    whose items are gone now is reported, not hidden."""
+    from flows.data_loss import data_loss
+
+    ctl, _ = api
+    backup_id = verified_backup()
+    good = counts(sample_db)
+    with psycopg.connect(sample_db) as conn:
+        conn.execute("DELETE FROM order_items WHERE id % 4 = 0")
+        conn.execute("INSERT INTO audit_logs (action) SELECT 'written after the backup' FROM generate_series(1, 7)")
+        order = conn.execute("INSERT INTO orders (user_id) SELECT min(id) FROM users RETURNING id").fetchone()[0]
+        conn.execute("INSERT INTO order_items (order_id, sku, quantity, unit_price_cents) VALUES (%s, 'late', 1, 100)",
+                     (order,))
+    damaged, pid = counts(sample_db), ctl.status().pid
+
+    result = data_loss("orders", tables=["order_items"], auto_approve=True)
+
+    now = counts(sample_db)
+    assert result.recovered and result.backup_id == backup_id
+    assert now["public.order_items"] == good["public.order_items"]
+    assert now["public.audit_logs"] == damaged["public.audit_logs"] == good["public.audit_logs"] + 7
+    assert now["public.orders"] == damaged["public.orders"]
+    assert ctl.status().pid == pid  # the service kept running
+    aside = result.pre_restore_database.split("schema ")[1].rstrip(")")
+    with psycopg.connect(sample_db) as conn:
+        kept = conn.execute(f'SELECT count(*) FROM "{aside}".order_items').fetchone()[0]
+        schemas = [r[0] for r in conn.execute("SELECT nspname FROM pg_namespace WHERE nspname LIKE 'runbooks_%'")]
+    assert kept == damaged["public.order_items"] and schemas == [aside]  # the staging schema is gone
+    assert any("order_items" in line and "replaced rows" in line for line in result.reconciliation)
+    assert result.outage_seconds < result.rto_seconds
+    assert databases_like(pg_admin, sample_db, "_restore_") == []
+    with psycopg.connect(sample_db) as conn:  # the checksums of the restored table are the backup's
+        got = postgres.content_sample(conn, ["public"], 1.0, tables=["public.order_items"])
+    manifest = backups.load_manifest(load_settings().open_store("local"), backup_id)
+    assert got["public.order_items"] == manifest.content["public.order_items"]
+
+
+def test_restoring_a_table_whose_parent_rows_are_newer_reports_the_dangling_rows(sample_db, tmp_path, write_config):
+    from flows.data_loss import data_loss
+
+    write_config(config(tmp_path, sample_db))
+    verified_backup()
+    with psycopg.connect(sample_db) as conn:
+        order = conn.execute("INSERT INTO orders (user_id) SELECT min(id) FROM users RETURNING id").fetchone()[0]
+        conn.execute("INSERT INTO order_items (order_id, sku, quantity, unit_price_cents) VALUES (%s, 'late', 1, 100)",
+                     (order,))
+    result = data_loss("orders", tables=["orders"], auto_approve=True)
+    assert any("public.order_items: 1 rows reference public.orders rows that are not there" in line
+               for line in result.reconciliation), result.reconciliation
+
+
+def test_unknown_tables_are_refused_before_anything_changes(sample_db, tmp_path, write_config, pg_admin):
+    from flows.data_loss import data_loss
+
+    write_config(config(tmp_path, sample_db))
+    verified_backup()
+    with pytest.raises(RecoveryError, match="table 'invoices' is not in the backup.*public.orders"):
+        data_loss("orders", tables=["invoices"], auto_approve=True)
+    assert databases_like(pg_admin, sample_db, "_") == []
+
+
+def test_the_next_run_drops_a_dead_table_restores_staging_schema(sample_db, tmp_path, write_config):
+    """A table restore killed while staging left its schema in production; its record says
+    so, and the next run of the database drops it (the swap is one transaction, so
+    nothing else can be half done)."""
+    from tasks.journal import Journal
+    from tasks.recovery import settle_abandoned
+
+    write_config(config(tmp_path, sample_db))
+    settings = load_settings()
+    store = settings.open_store("local")
+    dead = Journal.begin(store, "orders", "data-loss")
+    dead.note("staging tables", side_schema="runbooks_restore_20260101T000000Z",
+              aside_schema="runbooks_pre_restore_20260101T000000Z")
+    with psycopg.connect(sample_db, autocommit=True) as conn:
+        conn.execute('CREATE SCHEMA "runbooks_restore_20260101T000000Z"')
+        conn.execute('CREATE TABLE "runbooks_restore_20260101T000000Z".orders (LIKE public.orders)')
+    said = settle_abandoned(settings, settings.database("orders"), store, lambda line: None)
+    assert any("dropped schema runbooks_restore_20260101T000000Z" in line for line in said), said
+    with psycopg.connect(sample_db) as conn:
+        assert conn.execute("SELECT count(*) FROM pg_namespace WHERE nspname LIKE 'runbooks_%'").fetchone()[0] == 0
+    assert journal.unfinished(store, "orders") == []
