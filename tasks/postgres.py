@@ -247,7 +247,7 @@ def read_state(conn: psycopg.Connection, schemas: list[str],
     return state
 
 
-SAMPLE_BUCKETS = 65536  # the sample is the rows whose key's md5 starts below share x 65536
+SAMPLE_BUCKETS = 65536  # the sample: rows whose key hashes (low 16 bits) below share x 65536
 # The text of a row depends on these settings; fixing them makes a checksum comparable
 # between the backup's snapshot and any restore of it.
 _STABLE_TEXT = ("SET LOCAL TimeZone = 'UTC'", "SET LOCAL DateStyle = 'ISO, YMD'",
@@ -274,7 +274,8 @@ def content_sample(conn: psycopg.Connection, schemas: list[str], percent: float,
                    tables: list[str] | None = None) -> dict[str, ContentSample]:
     """Checksums of the sampled rows of every table with a primary key (in `tables` only,
     if given), in the connection's current transaction. Cost: one scan of each table
-    (md5 of every key; md5 of each sampled row)."""
+    (PostgreSQL's hashtextextended of every key, 3x cheaper than md5; md5 of each sampled
+    row). hashtextextended is stable across versions: hash partitioning relies on it."""
     if percent <= 0:
         return {}
     threshold = max(1, round(SAMPLE_BUCKETS * min(percent, 100.0) / 100.0))
@@ -293,7 +294,7 @@ def content_sample(conn: psycopg.Connection, schemas: list[str], percent: float,
             keytext = sql.SQL("ROW({})::text").format(cols)
             q = sql.SQL("""SELECT count(*), coalesce(md5(string_agg(md5(t::text), '' ORDER BY {cols})), '')
                            FROM {table} AS t
-                           WHERE ('x' || left(md5({keytext}), 4))::bit(16)::int < {threshold}""").format(
+                           WHERE (hashtextextended({keytext}, 0) & 65535) < {threshold}""").format(
                 cols=cols, table=sql.Identifier(schema, name), keytext=keytext,
                 threshold=sql.Literal(threshold))
             rows, checksum = conn.execute(q).fetchone()
