@@ -507,9 +507,11 @@ class _Recovery:
                     f" (skipped: {'; '.join(self.result.skipped_backups)})" if self.result.skipped_backups else ""),
                 f"**Verified:** {self.run.figures.get('Verified', '')}",
                 f"**Data-loss window:** everything written after {lost_from} until writes stop",
-                f"**What happens:** stop {', '.join(self.services) or 'no services'}; rename {self.production} to "
-                f"{self.production[:recovery.NAME_ROOM]}{ASIDE}<time> (kept) and {self.restored} to "
-                f"{self.production}; start the services again"]
+                "**What happens:** " + (f"stop {', '.join(self.services)}; " if self.services else
+                                        "no service is configured with this database, none is stopped; ")
+                + f"rename {self.production} to {self.production[:recovery.NAME_ROOM]}{ASIDE}YYYYMMDDTHHMMSSZ "
+                f"(kept) and {self.restored} to {self.production}"
+                + ("; start the services again" if self.services else "")]
 
     def _figures(self, manifest: Manifest) -> None:
         r, run = self.result, self.run

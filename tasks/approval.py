@@ -9,6 +9,7 @@ from collections.abc import Callable
 from prefect.exceptions import FlowPauseTimeout
 from prefect.flow_runs import pause_flow_run
 from prefect.input import RunInput
+from pydantic import Field
 
 from tasks.errors import RunbookError
 from tasks.report import RunReport
@@ -19,9 +20,9 @@ WAIT_SECONDS = 4 * 3600  # an unanswered request fails the run (nothing is chang
 class Approval(RunInput):
     """The form shown in the Prefect UI when a run waits for approval."""
 
-    approve: bool = False
-    approver: str = ""
-    reason: str = ""
+    approve: bool = Field(False, title="Approve", description="On: go ahead. Off: decline (nothing changes).")
+    approver: str = Field("", title="Approver", description="Your name; an approval without one is declined.")
+    reason: str = Field("", title="Reason", description="Why, e.g. the incident and what you checked.")
 
 
 class NotApproved(RunbookError):
