@@ -94,6 +94,46 @@ def test_the_retention_form_asks_before_it_deletes(served, page):
     page.screenshot(path=str(SHOTS / "4-retention-form.png"), full_page=True)
 
 
+def test_a_recovery_is_approved_in_its_resume_form(served, page):
+    """The approval gate as a person meets it: the paused run's Resume form shows the
+    evidence; approve, name and reason are given in the browser; the run swaps and its
+    report names the approver."""
+    for deployment in ("backup-orders", "restore-test-orders"):  # a verified backup to recover from
+        done = run([str(BIN / "runbooks"), "run", deployment, "--watch"], served["env"])
+        assert done.returncode == 0, done.stdout + done.stderr
+    with served_client(served) as client:
+        dep = deployments_by_name(client)["database-recovery-orders"]
+        created = client.post(f"/deployments/{dep['id']}/create_flow_run",
+                              json={"parameters": {"incident": "INC-UI"}})
+        assert created.status_code == 201, created.text
+        run_id = created.json()["id"]
+        wait_for(lambda: client.get(f"/flow_runs/{run_id}").json()["state_type"] == "PAUSED", 120,
+                 "the recovery to wait for approval")
+
+    page.goto(f"{served['ui']}/runs/flow-run/{run_id}")
+    page.get_by_role("button", name="Resume").click()
+    form = page.get_by_role("dialog")
+    form.get_by_text("Approve: swap").wait_for()  # the evidence is in the form
+    form.get_by_text("Data-loss window").wait_for()
+    form.get_by_text("Your name; an approval without one is declined.").wait_for()
+    page.screenshot(path=str(SHOTS / "5-approval-form.png"), full_page=True)
+    form.get_by_role("switch").first.click()
+    form.locator("textarea").nth(0).fill("ann")  # approver
+    form.locator("textarea").nth(1).fill("INC-UI: checked the assessment")  # reason
+    page.screenshot(path=str(SHOTS / "5b-approval-filled.png"), full_page=True)
+    form.get_by_role("button", name="Submit").click()
+    form.wait_for(state="hidden")  # the UI closes it once the server accepted the input
+
+    with served_client(served) as client:
+        final = wait_final(client, run_id, timeout=180)
+    assert final["state_type"] == "COMPLETED", final["state"]
+    page.goto(f"{served['ui']}/runs/flow-run/{run_id}")
+    page.get_by_text("Artifacts", exact=True).click()
+    page.get_by_text("Database recovery of orders: recovered").click()
+    page.get_by_text("approved by ann: INC-UI: checked the assessment").wait_for()
+    page.screenshot(path=str(SHOTS / "6-recovery-report.png"), full_page=True)
+
+
 def served_client(served):
     import httpx
 
