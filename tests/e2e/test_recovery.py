@@ -82,12 +82,24 @@ def others(stack: dict[str, Any], infix: str) -> list[str]:
                                            (f"{stack['name']}{infix}%",)).fetchall()]
 
 
+def post(stack: dict[str, Any], path: str, body: dict[str, Any]) -> httpx.Response:
+    """POST to the Prefect API as a careful client does: a server on SQLite answers 503
+    for a moment under load, so that is tried again."""
+    with httpx.Client(base_url=stack["url"], timeout=30) as api:
+        for _ in range(20):
+            r = api.post(path, json=body)
+            if r.status_code != 503:
+                return r
+            time.sleep(1)
+        return r
+
+
 def start_run(stack: dict[str, Any], deployment: str, **params: Any) -> str:
     with httpx.Client(base_url=stack["url"], timeout=30) as api:
         d = deployments_by_name(api)[deployment]
-        r = api.post(f"/deployments/{d['id']}/create_flow_run", json={"parameters": params})
-        assert r.status_code == 201, r.text
-        return r.json()["id"]
+    r = post(stack, f"/deployments/{d['id']}/create_flow_run", {"parameters": params})
+    assert r.status_code == 201, r.text
+    return r.json()["id"]
 
 
 def state(stack: dict[str, Any], run_id: str) -> str:
@@ -105,10 +117,9 @@ def record(stack: dict[str, Any], run_id: str) -> dict[str, Any] | None:
 
 
 def resume(stack: dict[str, Any], run_id: str, run_input: dict[str, Any]) -> dict[str, Any]:
-    with httpx.Client(base_url=stack["url"], timeout=30) as api:
-        r = api.post(f"/flow_runs/{run_id}/resume", json={"run_input": run_input})
-        assert r.status_code in (200, 201), r.text  # 200 REJECT, 201 ACCEPT
-        return r.json()
+    r = post(stack, f"/flow_runs/{run_id}/resume", {"run_input": run_input})
+    assert r.status_code in (200, 201), r.text  # 200 REJECT, 201 ACCEPT
+    return r.json()
 
 
 def test_a_second_recovery_is_refused_and_approvals_are_checked(stack):
