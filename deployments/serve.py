@@ -4,8 +4,10 @@ or the REST API execute here. prefect.yaml stays the one list of deployments."""
 
 from __future__ import annotations
 
+import asyncio
 import os
 import signal
+import threading
 from contextlib import ExitStack
 
 from deployments.server import configured_server, local_server
@@ -30,13 +32,18 @@ class _Stopped(BaseException):
     """SIGTERM before the runner took over its handling (e.g. while the server starts)."""
 
 
+_stop_requested = threading.Event()  # a SIGTERM arrived; survives a lost _Stopped
+
+
 def _stop(*_: object) -> None:
+    _stop_requested.set()
     raise _Stopped()
 
 
 def serve_all(port: int, poll_seconds: float = POLL_SECONDS, say=print) -> None:
     """Validate prefect.yaml, connect to (or start) the Prefect server, serve until stopped
     (SIGTERM or Ctrl-C); the local server it started stops with it."""
+    _stop_requested.clear()
     signal.signal(signal.SIGTERM, _stop)
     try:
         _serve(port, poll_seconds, say)
@@ -45,7 +52,6 @@ def serve_all(port: int, poll_seconds: float = POLL_SECONDS, say=print) -> None:
 
 
 def _serve(port: int, poll_seconds: float, say) -> None:
-    from prefect import serve
     from prefect.settings import PREFECT_API_URL, temporary_settings
 
     if poll_seconds <= 0:
@@ -64,10 +70,48 @@ def _serve(port: int, poll_seconds: float, say) -> None:
         say(f"Serving {len(deployments)} deployments: "
             + ", ".join(d.name for d in deployments) + f" (polling every {poll_seconds:g} s)")
         try:
-            serve(*deployments, print_starting_message=False, query_seconds=poll_seconds)
-        except (_Stopped, SystemExit):  # SIGTERM while the runner was still starting
+            _run(deployments, poll_seconds)
+        except (_Stopped, SystemExit):  # SIGTERM before the runner took it over
             _pause(deployments)  # as its own stop would
         say("runbooks serve stopped; its deployments are paused until it serves them again")
+
+
+def _run(deployments: list, poll_seconds: float) -> None:
+    """What `prefect.serve` does, with a SIGTERM that is never lost.
+
+    Prefect's runner answers a SIGTERM that arrives while it is still starting with
+    `sys.exit(0)` from the signal handler; that SystemExit lands in whatever frame runs,
+    and inside a `__del__` Python prints it and drops it, so serve ran on. Here the
+    handler only records the request; a watcher stops the runner once it has started.
+    """
+    from prefect.runner import Runner
+
+    class _Runner(Runner):
+        def handle_sigterm(self, *args: object, **kwargs: object) -> None:
+            self._logger.info("SIGTERM received, initiating graceful shutdown...")
+            _stop_requested.set()
+
+    runner = _Runner(pause_on_shutdown=True, query_seconds=poll_seconds)
+    for deployment in deployments:
+        runner.add_deployment(deployment)
+    done = threading.Event()
+
+    def stop_when_asked() -> None:
+        while not _stop_requested.wait(0.2):
+            if done.is_set():
+                return
+        while not (runner.started and runner._loop is not None):
+            if done.wait(0.05):
+                return
+        if not runner.stopping:
+            runner.stopping = True
+            runner.execute_in_background(runner.astop)
+
+    threading.Thread(target=stop_when_asked, name="runbooks-serve-stop", daemon=True).start()
+    try:
+        asyncio.run(runner.start())
+    finally:
+        done.set()
 
 
 def _pause(deployments: list) -> None:
