@@ -25,6 +25,7 @@ from tasks.postgres import Database, DatabaseState
 from tasks.progress import Progress
 from tasks.retries import RETRY_OPTIONS
 from tasks.storage import Store, copy_object
+from tasks.streams import ahead
 
 
 @task(name="dump-to-store", cache_policy=NO_CACHE, **RETRY_OPTIONS)
@@ -130,7 +131,8 @@ def fetch_and_check(db: Database, store: Store, manifest: Manifest,
     try:
         with open(spool.fd, "wb", closefd=False) as f, \
                 Progress(f"download {manifest.id}", total=manifest.stored_bytes) as p:
-            for chunk in backups.read_dump(store, manifest, enc, on_bytes=p.advance):
+            # Three stages in three threads: download and sha256, decryption and zstd, writing.
+            for chunk in ahead(backups.read_dump(store, manifest, enc, on_bytes=p.advance), name="decompress"):
                 f.write(chunk)
         spool.entries = len(postgres.restore_list(db, spool.path, pass_fds=(spool.fd,)))
     except BaseException:

@@ -23,6 +23,7 @@ from tasks.encryption import EncryptionConfig
 from tasks.postgres import ContentSample
 from tasks.errors import BackupNotFound, IntegrityError, InvalidBackupId, ObjectNotFound, StoreError
 from tasks.storage import PutResult, Store
+from tasks.streams import ahead
 
 ID_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,127}")
 MANIFEST = "manifest.json"
@@ -173,7 +174,7 @@ def read_dump(store: Store, manifest: Manifest, enc: EncryptionConfig | None,
             raise IntegrityError(f"backup {manifest.id}: sha256 of the stored object does not "
                                  f"match the manifest (stored object is corrupt)")
 
-    stream: Iterator[bytes] = stored()
+    stream: Iterator[bytes] = ahead(stored(), name="download")  # reading and sha256 overlap the rest
     if manifest.encryption:
         stream = encryption.decrypt(enc, stream)
     decomp = zstandard.ZstdDecompressor().decompressobj()

@@ -11,7 +11,6 @@ import functools
 import glob
 import importlib.util
 import os
-import queue
 import re
 import shutil
 import subprocess
@@ -28,6 +27,7 @@ from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator
 
 from tasks.errors import DatabaseError, DatabaseUnavailable, IntegrityError, VerificationError
 from tasks.retries import is_transient
+from tasks.streams import ahead
 
 CHUNK = 1 << 20  # bytes read from pg_dump at a time
 LOCK_WAIT_MS = 120_000  # pg_dump's wait for its table locks
@@ -437,37 +437,8 @@ def _widen_pipe(stream) -> None:  # type: ignore[no-untyped-def]
 
 def _read_ahead(stream, depth: int = 8) -> Iterator[bytes]:  # type: ignore[no-untyped-def]
     """Read `stream` in a thread, up to `depth` chunks ahead of the consumer, so reading
-    overlaps compression and upload (both release the GIL). Memory: depth x CHUNK."""
-    ahead: queue.Queue[bytes | BaseException | None] = queue.Queue(maxsize=depth)
-    stop = threading.Event()
-
-    def put(item: bytes | BaseException | None) -> bool:
-        while not stop.is_set():
-            try:
-                ahead.put(item, timeout=0.2)
-                return True
-            except queue.Full:
-                continue
-        return False
-
-    def pump() -> None:
-        try:
-            while data := stream.read(CHUNK):
-                if not put(data):
-                    return
-        except BaseException as exc:  # noqa: BLE001 - handed to the consumer
-            put(exc)
-            return
-        put(None)
-
-    threading.Thread(target=pump, name="read-ahead", daemon=True).start()
-    try:
-        while (item := ahead.get()) is not None:
-            if isinstance(item, BaseException):
-                raise item
-            yield item
-    finally:
-        stop.set()
+    overlaps compression and upload. Memory: depth x CHUNK."""
+    return ahead(iter(lambda: stream.read(CHUNK), b""), depth)
 
 
 class _Tail:
