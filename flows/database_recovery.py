@@ -130,19 +130,35 @@ def recover(title: str, flow_name: str, database: str, restore_point: datetime |
             recovery.resolve_tables(tables, tried[0].manifest)
             recovery.check_row_replacement(db)
         findings = before(run, db) if before else []
-        with run.step("assess the damage") as step:
-            assessment = recovery.assess(db, tried[0].manifest)
-            step.detail = "; ".join(assessment.lines()[:5])
-        if dry_run:
-            return _plan(run, db, tried[0].manifest, assessment, services, stop_writes, findings, tables)
-        lock_refusal = _refuse_second_recovery(database)
-        with exclusive("database", database, refuse=lock_refusal):
-            recovery_run = _Recovery(settings, db, store, run, flow_name, services, incident, why)
-            if tables:
-                return recovery_run.execute_tables(tried, assessment, tables, auto_approve,
-                                                   approval_timeout_minutes, backup_id is not None)
-            return recovery_run.execute(tried, assessment, findings, stop_writes, auto_approve,
-                                        approval_timeout_minutes, backup_id is not None)
+        future = recovery.assess.submit(db, tried[0].manifest)  # runs while the backup is fetched
+        assessed = _joined(run, future)
+        try:
+            if dry_run:
+                return _plan(run, db, tried[0].manifest, assessed(), services, stop_writes, findings, tables)
+            lock_refusal = _refuse_second_recovery(database)
+            with exclusive("database", database, refuse=lock_refusal):
+                recovery_run = _Recovery(settings, db, store, run, flow_name, services, incident, why)
+                if tables:
+                    return recovery_run.execute_tables(tried, assessed, tables, auto_approve,
+                                                       approval_timeout_minutes, backup_id is not None)
+                return recovery_run.execute(tried, assessed, findings, stop_writes, auto_approve,
+                                            approval_timeout_minutes, backup_id is not None)
+        finally:
+            future.wait()  # a run that failed early still lets its assessment finish
+
+
+def _joined(run: RunReport, future: Any) -> Callable[[], Assessment]:
+    """The assessment running in a thread of the flow's task runner; the callable waits
+    for it (once) as the "assess the damage" step."""
+    done: list[Assessment] = []
+
+    def assessed() -> Assessment:
+        if not done:
+            with run.step("assess the damage") as step:
+                done.append(future.result())
+                step.detail = "; ".join(done[0].lines()[:5])
+        return done[0]
+    return assessed
 
 
 def _refuse_second_recovery(database: str) -> Callable[[dict[str, Any], str], str | None]:
@@ -175,19 +191,21 @@ class _Recovery:
         ref = f" Incident: {self.incident}." if self.incident else ""
         announce(self.settings, self.run, severity, text + ref, failed=failed)
 
-    def execute(self, tried: list[backups.Backup], assessment: Assessment, findings: list[str],
+    def execute(self, tried: list[backups.Backup], assessed: Callable[[], Assessment], findings: list[str],
                 stop_writes: StopWrites, auto_approve: bool, timeout_minutes: float,
                 explicit: bool) -> RecoveryResult:
         run = self.run
         with run.step("settle earlier runs") as step:
-            self.result.cleaned_up = recovery.settle_abandoned(self.settings, self.db, self.store, print)
+            self.result.cleaned_up = recovery.settle_abandoned(self.settings, self.db, self.store, print,
+                                                                   own=self.journal.record.id)
             step.detail = "; ".join(self.result.cleaned_up) or "none left anything behind"
         self.notify(Severity.HIGH, f"Recovery of {self.db.describe()} started: restore, verify, then swap.")
         try:
             if stop_writes == "before_restore":
+                assessed()  # before its connection could be one of those ended
                 self._stop_writes()
             spool, manifest = self._fetch(tried, explicit)
-            assessment = assessment.against(manifest)
+            assessment = assessed().against(manifest)
             self.result.assessment = assessment.lines()
             run.figure("Backup", f"{manifest.id} (taken {manifest.started_at:%Y-%m-%d %H:%M:%S} UTC, "
                                  f"{human_bytes(manifest.stored_bytes)})")
@@ -230,7 +248,7 @@ class _Recovery:
                                    f"{_duration(r.data_loss_window_seconds)}.")
         return r
 
-    def execute_tables(self, tried: list[backups.Backup], assessment: Assessment, names: list[str],
+    def execute_tables(self, tried: list[backups.Backup], assessed: Callable[[], Assessment], names: list[str],
                        auto_approve: bool, timeout_minutes: float, explicit: bool) -> RecoveryResult:
         """Restore only `names`, into the live database: stage them in a side schema,
         verify, and after approval swap their rows in one transaction (the replaced rows
@@ -238,7 +256,7 @@ class _Recovery:
         wait for the swap's lock."""
         run, db, r = self.run, self.db, self.result
         with run.step("settle earlier runs") as step:
-            r.cleaned_up = recovery.settle_abandoned(self.settings, db, self.store, print)
+            r.cleaned_up = recovery.settle_abandoned(self.settings, db, self.store, print, own=self.journal.record.id)
             step.detail = "; ".join(r.cleaned_up) or "none left anything behind"
         self.notify(Severity.HIGH, f"Restore of tables {', '.join(names)} of {db.describe()} started.")
         now = datetime.now(timezone.utc)
@@ -246,7 +264,7 @@ class _Recovery:
         try:
             spool, manifest = self._fetch(tried, explicit)
             tables = recovery.resolve_tables(names, manifest)
-            assessment = assessment.against(manifest)
+            assessment = assessed().against(manifest)
             r.assessment = [d.line() for d in assessment.differences if d.table in tables] or assessment.lines()[:1]
             r.backup_id, r.backup_taken_at = manifest.id, manifest.started_at
             run.figure("Backup", f"{manifest.id} (taken {manifest.started_at:%Y-%m-%d %H:%M:%S} UTC)")

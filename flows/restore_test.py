@@ -85,7 +85,8 @@ def restore_test(database: str, backup_id: str | None = None, dry_run: bool = Fa
                 t0 = time.monotonic()  # the RTO clock starts once nothing else holds the database
                 record = Journal.begin(store, database, "restore-test")
                 with run.step("settle earlier runs") as step:
-                    step.detail = "; ".join(settle_abandoned(settings, db, store, print)) or "nothing left behind"
+                    step.detail = "; ".join(settle_abandoned(settings, db, store, print, own=record.record.id)) \
+                        or "nothing left behind"
                 manifest = _select(run, store, database, backup_id)
                 with run.step("integrity (sha256, decompress, pg_restore --list)") as step:
                     spooled = fetch_and_check(db, store, manifest, enc, settings.spool_dir)

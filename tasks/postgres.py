@@ -253,6 +253,9 @@ SAMPLE_BUCKETS = 65536  # the sample: rows whose key hashes (low 16 bits) below 
 _STABLE_TEXT = ("SET LOCAL TimeZone = 'UTC'", "SET LOCAL DateStyle = 'ISO, YMD'",
                 "SET LOCAL IntervalStyle = 'postgres'", "SET LOCAL bytea_output = 'hex'",
                 "SET LOCAL extra_float_digits = 1")
+# The planner guesses a third of the rows pass the sample's filter (1 % do) and so
+# prices a parallel scan too high; these make it choose one (about 1.6x faster on 2 CPUs).
+_PARALLEL_SCAN = ("SET LOCAL parallel_setup_cost = 0", "SET LOCAL parallel_tuple_cost = 0.001")
 
 
 def primary_keys(conn: psycopg.Connection, schemas: list[str]) -> dict[str, list[str]]:
@@ -283,7 +286,7 @@ def content_sample(conn: psycopg.Connection, schemas: list[str], percent: float,
     if own:
         conn.execute("BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY")
     try:
-        for statement in _STABLE_TEXT:
+        for statement in _STABLE_TEXT + _PARALLEL_SCAN:
             conn.execute(statement)
         out = {}
         for table, key in primary_keys(conn, schemas).items():
@@ -292,10 +295,15 @@ def content_sample(conn: psycopg.Connection, schemas: list[str], percent: float,
             schema, name = table.split(".", 1)
             cols = sql.SQL(", ").join(sql.SQL("t.") + sql.Identifier(c) for c in key)
             keytext = sql.SQL("ROW({})::text").format(cols)
-            q = sql.SQL("""SELECT count(*), coalesce(md5(string_agg(md5(t::text), '' ORDER BY {cols})), '')
-                           FROM {table} AS t
-                           WHERE (hashtextextended({keytext}, 0) & 65535) < {threshold}""").format(
-                cols=cols, table=sql.Identifier(schema, name), keytext=keytext,
+            # The scan in a subquery, so PostgreSQL can run it in parallel workers (an
+            # ordered aggregate cannot be); only the sampled rows reach the aggregate.
+            keys = sql.SQL(", ").join(sql.Identifier(f"k{i}") for i in range(len(key)))
+            named = sql.SQL(", ").join(sql.SQL("t.{} AS {}").format(sql.Identifier(c), sql.Identifier(f"k{i}"))
+                                       for i, c in enumerate(key))
+            q = sql.SQL("""SELECT count(*), coalesce(md5(string_agg(h, '' ORDER BY {keys})), '')
+                           FROM (SELECT {named}, md5(t::text) AS h FROM {table} AS t
+                                 WHERE (hashtextextended({keytext}, 0) & 65535) < {threshold}) AS s""").format(
+                keys=keys, named=named, table=sql.Identifier(schema, name), keytext=keytext,
                 threshold=sql.Literal(threshold))
             rows, checksum = conn.execute(q).fetchone()
             out[table] = ContentSample(key=key, rows=int(rows), checksum=str(checksum))

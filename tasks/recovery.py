@@ -162,7 +162,7 @@ def start_service(controller: Controller) -> str:
 def wait_ready(settings: Settings, names: list[str]) -> None:
     for name in names:
         cfg = settings.service(name)
-        wait_until_ready(cfg.base_url, cfg.ready_deadline_seconds, interval=0.2, timeout=cfg.probe_timeout)
+        wait_until_ready(cfg.base_url, cfg.ready_deadline_seconds, interval=0.05, timeout=cfg.probe_timeout)
 
 
 def other_sessions(conn, dbname: str) -> list[tuple[int, str]]:  # type: ignore[no-untyped-def]
@@ -218,11 +218,11 @@ def swap(db: Database, first: str, first_to: str, second: str, second_to: str,
 # --- crashed runs --------------------------------------------------------------------------
 
 def settle_abandoned(settings: Settings, db: Database, store: Store,
-                     say: Callable[[str], None]) -> list[str]:
+                     say: Callable[[str], None], own: str | None = None) -> list[str]:
     """Clean up after every unfinished run of `db` (the caller holds the database's slot,
-    so their runs are dead): drop the databases they created and never promoted, put
-    production back or finish a swap, start the services they stopped. Returns one line
-    per thing done, also passed to `say`."""
+    so their runs are dead), except the caller's own record `own`: drop the databases
+    they created and never promoted, put production back or finish a swap, start the
+    services they stopped. Returns one line per thing done, also passed to `say`."""
     done: list[str] = []
 
     def tell(line: str) -> None:
@@ -230,6 +230,8 @@ def settle_abandoned(settings: Settings, db: Database, store: Store,
         say(line)
 
     for record in journal.unfinished(store, db.name):
+        if record.id == own:
+            continue
         who = f"{record.flow} run {record.flow_run_name or record.flow_run_id or record.id} (step: {record.step})"
         outcome = _settle(db, record, tell, who)
         for name in record.services_stopped:

@@ -87,6 +87,7 @@ def test_recovers_deleted_rows_with_the_service_running(api, sample_db, pg_admin
     result = database_recovery("orders", auto_approve=True, incident="INC-42")
 
     assert result.recovered and result.backup_id == backup_id
+    assert result.cleaned_up == []  # nothing was left behind; its own record is not "settled"
     assert counts(sample_db) == good
     assert ctl.status().running and ctl.status().pid != pid  # stopped for the swap, started again
     assert any("order_items" in line and "-" in line for line in result.assessment)
@@ -347,8 +348,11 @@ def test_the_next_run_drops_a_dead_table_restores_staging_schema(sample_db, tmp_
     with psycopg.connect(sample_db, autocommit=True) as conn:
         conn.execute('CREATE SCHEMA "runbooks_restore_20260101T000000Z"')
         conn.execute('CREATE TABLE "runbooks_restore_20260101T000000Z".orders (LIKE public.orders)')
-    said = settle_abandoned(settings, settings.database("orders"), store, lambda line: None)
+    mine = Journal.begin(store, "orders", "data-loss")  # the caller's own record
+    said = settle_abandoned(settings, settings.database("orders"), store, lambda line: None, own=mine.record.id)
     assert any("dropped schema runbooks_restore_20260101T000000Z" in line for line in said), said
+    assert [r.id for r in journal.unfinished(store, "orders")] == [mine.record.id]
+    mine.finish("done")
     with psycopg.connect(sample_db) as conn:
         assert conn.execute("SELECT count(*) FROM pg_namespace WHERE nspname LIKE 'runbooks_%'").fetchone()[0] == 0
     assert journal.unfinished(store, "orders") == []
