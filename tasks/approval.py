@@ -15,6 +15,7 @@ from tasks.errors import RunbookError
 from tasks.report import RunReport
 
 WAIT_SECONDS = 4 * 3600  # an unanswered request fails the run (nothing is changed)
+POLL_SECONDS = 2  # the paused run looks for an answer this often (Prefect's default: 10 s)
 
 
 class Approval(RunInput):
@@ -46,7 +47,7 @@ def approve(run: RunReport, action: str, evidence: list[str], auto: bool,
                     wait_for_input=Approval.with_initial_data(
                         description=f"## Approve: {action}\n\n{shown}\n\n"
                                     "Tick **approve**, give your name and a reason."),
-                    timeout=wait_seconds)
+                    timeout=wait_seconds, poll_interval=POLL_SECONDS)
             except FlowPauseTimeout:
                 raise NotApproved(f"nobody approved '{action}' within {wait_seconds}s; nothing changed") from None
     who = f"{decision.approver or 'nobody'}: {decision.reason or 'no reason given'}"

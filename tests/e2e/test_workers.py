@@ -157,10 +157,11 @@ def test_every_prefect_command_in_the_docs_runs(pg_server, state):
             "flow_runs": {"state": {"type": {"any_": ["COMPLETED"]}}}, "sort": "END_TIME_DESC", "limit": 1,
         }).json()[0]["id"]
         client.post("/v2/concurrency_limits/", json={"name": "service:api", "limit": 1})
-    failures = []
+    failures, tried = [], set()
     for source, command in commands:
-        if command.startswith(LONG_RUNNING):
-            continue
+        if command.startswith(LONG_RUNNING) or command in tried:
+            continue  # a command several pages give is run once
+        tried.add(command)
         args = shlex.split(command.replace("<flow-run-id>", latest))
         proc = run([str(BIN / args[0]), *args[1:]], env, timeout=120)
         if proc.returncode != 0 or "Traceback" in proc.stdout + proc.stderr:
