@@ -306,6 +306,16 @@ def serve(port: int = typer.Option(4200, help="port of the local Prefect server,
     serve_all(port=port, poll_seconds=poll_seconds, say=out.print)
 
 
+@app.command("receiver")
+def receiver(host: str = typer.Option("127.0.0.1", help="address to listen on"),
+             port: int = typer.Option(9095, help="port to listen on")) -> None:
+    """Take Alertmanager's webhooks on http://HOST:PORT/alerts and start the runbook each
+    firing alert's route names, once per alert ([alerts] in runbooks.toml)."""
+    from deployments.receiver import serve_receiver
+
+    serve_receiver(host, port, say=out.print)
+
+
 def main() -> None:
     try:
         app()

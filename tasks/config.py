@@ -16,6 +16,7 @@ from typing import Any
 from pydantic import Field, ValidationError, ValidationInfo, field_validator, model_validator
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
+from tasks.alerts import AlertsConfig
 from tasks.errors import ConfigError
 from tasks.notify import NotifySettings
 from tasks.prometheus import ErrorRate, PrometheusConfig
@@ -44,6 +45,7 @@ class Settings(BaseSettings):
     notify: NotifySettings = Field(default_factory=NotifySettings)
     prometheus: PrometheusConfig | None = Field(None, description="where the services' metrics are; "
                                                 "without it restarts check only the probes")
+    alerts: AlertsConfig | None = Field(None, description="the alert receiver: credentials and routes")
     work_dir: Path | None = Field(None, description="where restores spool the uncompressed archive, "
                                   "in a file without a name (needs its size free); default: the system "
                                   "temp dir")

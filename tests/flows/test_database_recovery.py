@@ -3,6 +3,7 @@ process controller as the application, and the faults the issue names."""
 
 from __future__ import annotations
 
+import os
 import sys
 from datetime import datetime, timedelta, timezone
 
@@ -18,7 +19,7 @@ from tasks.config import load_settings
 from tasks.errors import BackupNotFound, InvalidBackupId
 from tasks.probes import wait_until_ready
 from tasks.recovery import RecoveryError
-from tests.conftest import free_port
+from tests.conftest import free_port, need
 
 
 def config(tmp_path, dsn: str, port: int | None = None, extra: str = "") -> str:
@@ -356,3 +357,49 @@ def test_the_next_run_drops_a_dead_table_restores_staging_schema(sample_db, tmp_
     with psycopg.connect(sample_db) as conn:
         assert conn.execute("SELECT count(*) FROM pg_namespace WHERE nspname LIKE 'runbooks_%'").fetchone()[0] == 0
     assert journal.unfinished(store, "orders") == []
+
+
+def _damage_on_disk(dsn: str, table: str, block: int) -> None:
+    """Overwrite line pointers of one heap page in the table's file, as a failing disk or
+    controller would. PostgreSQL reads it from disk: no page of the database is in its
+    buffers yet (it was copied at the file level)."""
+    import struct
+    from pathlib import Path
+
+    with psycopg.connect(dsn) as conn:
+        path = Path(conn.execute("SELECT current_setting('data_directory') || '/' || pg_relation_filepath(%s)",
+                                 (table,)).fetchone()[0])
+    if not os.access(path, os.W_OK):
+        need(False, f"writing PostgreSQL's data files needs root or the postgres user ({path})")
+    with open(path, "r+b") as f:
+        f.seek(8192 * block)
+        page = bytearray(f.read(8192))
+        for i in range(8):  # items 1-8: LP_NORMAL, 200 bytes at an offset no tuple can have
+            struct.pack_into("<I", page, 24 + 4 * i, 8100 | (1 << 15) | (200 << 17))
+        f.seek(8192 * block)
+        f.write(page)
+
+
+def test_a_page_damaged_on_disk_is_found_by_pg_amcheck_and_the_database_recovered(
+        sample_db, pg_admin, tmp_path, write_config):
+    from flows.database_corruption import database_corruption
+
+    write_config(config(tmp_path, sample_db))
+    verified_backup()
+    good, sums = counts(sample_db), checksums(sample_db)
+    damaged = psycopg.conninfo.conninfo_to_dict(sample_db)["dbname"] + "_disk"
+    with psycopg.connect(pg_admin, autocommit=True) as conn:  # a file-level copy: none of it in shared buffers
+        conn.execute(f'CREATE DATABASE "{damaged}" TEMPLATE "{psycopg.conninfo.conninfo_to_dict(sample_db)["dbname"]}" '
+                     "STRATEGY FILE_COPY")
+    production = psycopg.conninfo.make_conninfo(sample_db, dbname=damaged)
+    write_config(config(tmp_path, production))  # the same store: production is now the copy
+    _damage_on_disk(production, "public.order_items", block=1)
+
+    result = database_corruption("orders", auto_approve=True)
+
+    assert result.recovered and result.pre_restore_database
+    assert counts(production) == good and checksums(production) == sums
+    report = load_settings()
+    assert postgres.amcheck(report.database("orders"), damaged) == "ok"  # the promoted copy is sound
+    with pytest.raises(Exception, match="pg_amcheck found problems.*order_items"):
+        postgres.amcheck(report.database("orders"), result.pre_restore_database)  # kept aside as it was

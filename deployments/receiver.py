@@ -1,0 +1,307 @@
+"""`runbooks receiver`: the HTTP endpoint Alertmanager posts to. Each firing alert that a
+route matches becomes exactly one run of the route's deployment.
+
+Answers, and why (Alertmanager retries 5xx and never 4xx):
+  401  no or wrong credentials        413  a body over `max_body_bytes`
+  422  not JSON, not payload version 4, or an alert without a fingerprint
+  503  Prefect could not take the run (unreachable, or answering 5xx): retry
+  500  our own fault (a route names a deployment that does not exist, or parameters
+       it refuses); retried too, so a fixed config picks the alert up
+  200  every routed alert has its run (new or the one it already had)
+Nothing of a rejected request reaches a runbook.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import hmac
+import logging
+import time
+from collections import OrderedDict
+from contextlib import asynccontextmanager
+from typing import Any
+from urllib.parse import quote
+
+import httpx
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, PlainTextResponse
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram, generate_latest
+from pydantic import ValidationError
+
+from tasks.alerts import AlertsConfig, Routed, WebhookPayload, route
+
+log = logging.getLogger("runbooks.receiver")
+ENDPOINT = "/alerts"
+
+
+class HandOverError(Exception):
+    """A run could not be created; `status` is what Alertmanager is told."""
+
+    def __init__(self, status: int, reason: str) -> None:
+        super().__init__(reason)
+        self.status, self.reason = status, reason
+
+
+class Metrics:
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        r = self.registry
+        self.received = Counter("runbooks_alerts_received", "Alerts received, by status", ["status"], registry=r)
+        self.routed = Counter("runbooks_alerts_routed", "Alerts matched to a route", ["route"], registry=r)
+        self.deduplicated = Counter("runbooks_alerts_deduplicated",
+                                    "Alerts whose run already existed (re-delivery, repeat, other replica)",
+                                    registry=r)
+        self.unmatched = Counter("runbooks_alerts_unmatched", "Firing alerts no route matched", registry=r)
+        self.rejected = Counter("runbooks_alerts_rejected", "Requests refused, by reason", ["reason"], registry=r)
+        self.runs = Counter("runbooks_runs_created", "Runs created, by deployment", ["deployment"], registry=r)
+        self.handover = Histogram("runbooks_handover_seconds", "Request received to its runs created",
+                                  buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5), registry=r)
+
+
+class Handover:
+    """Creates the runs through Prefect's API. The idempotency key makes the server return
+    the run an alert already has (HTTP 200 instead of 201): that is the guarantee, across
+    restarts and replicas. In front of it, so a storm of repeats does not become a storm
+    of API calls: requests for a key in flight share one call, a key handed over recently
+    is answered from memory, and at most PARALLEL calls go to Prefect at once (a busy
+    SQLite-backed server answers 503, which is tried again, briefly)."""
+
+    PARALLEL = 8
+    REMEMBER_SECONDS = 300.0
+    REMEMBER_KEYS = 10_000
+    RETRIES = (0.1, 0.3, 0.9)  # seconds before each new try of a 503 or a refused connection
+
+    def __init__(self, client: httpx.AsyncClient) -> None:
+        self.client = client
+        self._deployments: dict[str, str] = {}
+        self._inflight: dict[str, asyncio.Future[tuple[str, bool]]] = {}
+        self._recent: OrderedDict[str, tuple[str, float]] = OrderedDict()
+        self._slots = asyncio.Semaphore(self.PARALLEL)
+
+    async def run_for(self, routed: Routed) -> tuple[str, bool]:
+        """(flow run id, created now?) for the routed alert."""
+        key = routed.idempotency_key
+        known = self._recent.get(key)
+        if known is not None and known[1] > time.monotonic():
+            return known[0], False
+        if key in self._inflight:
+            run_id, _ = await asyncio.shield(self._inflight[key])
+            return run_id, False
+        future: asyncio.Future[tuple[str, bool]] = asyncio.get_running_loop().create_future()
+        self._inflight[key] = future
+        try:
+            async with self._slots:
+                result = await self._create(routed)
+            self._remember(key, result[0])
+            future.set_result(result)
+            return result
+        except BaseException as exc:
+            future.set_exception(exc)
+            future.exception()  # retrieved: a waiter re-raises it, none need exist
+            raise
+        finally:
+            del self._inflight[key]
+
+    def _remember(self, key: str, run_id: str) -> None:
+        self._recent[key] = (run_id, time.monotonic() + self.REMEMBER_SECONDS)
+        self._recent.move_to_end(key)
+        while len(self._recent) > self.REMEMBER_KEYS:
+            self._recent.popitem(last=False)
+
+    async def _deployment_id(self, name: str) -> str:
+        if name not in self._deployments:
+            flow, deployment = (quote(part, safe="") for part in name.split("/", 1))
+            response = await self._call("GET", f"deployments/name/{flow}/{deployment}")
+            if response.status_code == 404:
+                raise HandOverError(500, f"no deployment {name!r} on the Prefect server (check the route)")
+            self._check(response, name)
+            self._deployments[name] = response.json()["id"]
+        return self._deployments[name]
+
+    async def _create(self, routed: Routed) -> tuple[str, bool]:
+        deployment_id = await self._deployment_id(routed.deployment)
+        alert = routed.alert
+        body = {"parameters": routed.parameters, "idempotency_key": routed.idempotency_key,
+                "tags": ["alert", f"route:{routed.route}", f"severity:{routed.severity.value.lower()}"],
+                "name": f"alert-{alert.labels.get('alertname', 'alert')[:40]}-{alert.fingerprint[:12]}".lower()}
+        response = await self._call("POST", f"deployments/{deployment_id}/create_flow_run", json=body)
+        if response.status_code == 404:
+            self._deployments.pop(routed.deployment, None)  # deleted since: look it up again next time
+            raise HandOverError(500, f"deployment {routed.deployment!r} is gone from the Prefect server")
+        self._check(response, routed.deployment)
+        return response.json()["id"], response.status_code == 201
+
+    async def _call(self, method: str, path: str, **kwargs: Any) -> httpx.Response:
+        for pause in (*self.RETRIES, None):
+            try:
+                response = await self.client.request(method, path, **kwargs)
+            except httpx.HTTPError as exc:
+                if pause is None:
+                    raise HandOverError(503, f"Prefect is unreachable ({type(exc).__name__})") from None
+            else:
+                if response.status_code != 503 or pause is None:
+                    return response
+            await asyncio.sleep(pause)
+        raise AssertionError("unreachable")
+
+    @staticmethod
+    def _check(response: httpx.Response, deployment: str) -> None:
+        if response.status_code >= 500:
+            raise HandOverError(503, f"Prefect answered {response.status_code}")
+        if response.status_code >= 400:
+            detail = response.text[:300].replace("\n", " ")
+            raise HandOverError(500, f"Prefect refused the run of {deployment!r} "
+                                     f"(HTTP {response.status_code}): {detail}")
+
+
+def _authorized(config: AlertsConfig, header: str) -> bool:
+    """Bearer or Basic, each compared in constant time."""
+    scheme, _, credentials = header.partition(" ")
+    scheme = scheme.lower()
+    if scheme == "bearer" and config.bearer_token is not None:
+        return hmac.compare_digest(credentials.strip().encode(), config.bearer_token.get_secret_value().encode())
+    if scheme == "basic" and config.basic_password is not None:
+        try:
+            user, _, password = base64.b64decode(credentials.strip(), validate=True).decode().partition(":")
+        except (ValueError, UnicodeDecodeError):
+            return False
+        ok_user = hmac.compare_digest(user.encode(), (config.basic_username or "").encode())
+        ok_password = hmac.compare_digest(password.encode(), config.basic_password.get_secret_value().encode())
+        return ok_user and ok_password
+    return False
+
+
+async def _body(request: Request, limit: int) -> bytes | None:
+    """The body, or None as soon as it is longer than `limit` (never read in full)."""
+    declared = request.headers.get("content-length")
+    if declared is not None and declared.isdigit() and int(declared) > limit:
+        return None
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            return None
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def _reason(exc: ValidationError) -> str:
+    """The first problem, by field path only (never echoing the input)."""
+    first = exc.errors()[0]
+    where = ".".join(str(p) for p in first["loc"]) or "body"
+    return f"{where}: {first['msg']}"
+
+
+def create_app(config: AlertsConfig, api_url: str, api_headers: dict[str, str] | None = None) -> FastAPI:
+    """The receiver for `config`, handing runs to the Prefect API at `api_url`."""
+    metrics = Metrics()
+    state: dict[str, Handover] = {}
+
+    @asynccontextmanager
+    async def lifespan(_: FastAPI):  # type: ignore[no-untyped-def]
+        async with httpx.AsyncClient(base_url=api_url.rstrip("/") + "/", headers=api_headers or {},
+                                     timeout=httpx.Timeout(10.0, connect=3.0)) as client:
+            state["handover"] = Handover(client)
+            yield
+
+    app = FastAPI(title="runbooks alert receiver", lifespan=lifespan, docs_url=None, redoc_url=None,
+                  openapi_url=None)
+    app.state.metrics = metrics
+
+    def reject(status: int, reason: str, why: str) -> JSONResponse:
+        metrics.rejected.labels(reason).inc()
+        log.warning("alert request refused (%s): %s", status, why)
+        headers = {"WWW-Authenticate": 'Bearer realm="runbooks"'} if status == 401 else None
+        return JSONResponse({"error": why}, status_code=status, headers=headers)
+
+    @app.get("/healthz")
+    async def healthz() -> dict[str, str]:
+        return {"status": "ok"}
+
+    @app.get("/metrics")
+    async def prometheus_metrics() -> PlainTextResponse:
+        return PlainTextResponse(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
+
+    @app.post(ENDPOINT)
+    async def receive(request: Request) -> JSONResponse:
+        t0 = time.monotonic()
+        if not _authorized(config, request.headers.get("authorization", "")):
+            return reject(401, "unauthorized", "missing or wrong credentials")
+        body = await _body(request, config.max_body_bytes)
+        if body is None:
+            return reject(413, "too_large", f"body over {config.max_body_bytes} bytes")
+        try:
+            payload = WebhookPayload.model_validate_json(body)
+        except ValidationError as exc:
+            reason = "version" if any(e["loc"][:1] == ("version",) for e in exc.errors()) else "malformed"
+            return reject(422, reason, _reason(exc))
+        runs, unmatched, resolved = [], 0, 0
+        routed_alerts = []
+        for alert in payload.alerts:
+            metrics.received.labels(alert.status).inc()
+            if alert.status == "resolved":
+                resolved += 1  # the incident follows the alert; no runbook starts for it
+                continue
+            routed = route(config, alert)
+            if routed is None:
+                unmatched += 1
+                metrics.unmatched.inc()
+                log.info("no route for alert %s (%s)", alert.labels.get("alertname", "?"), alert.fingerprint)
+                continue
+            metrics.routed.labels(routed.route).inc()
+            routed_alerts.append(routed)
+        results = await asyncio.gather(*(state["handover"].run_for(r) for r in routed_alerts),
+                                       return_exceptions=True)
+        failures = []
+        for routed, result in zip(routed_alerts, results):
+            if isinstance(result, HandOverError):
+                failures.append(result)
+                continue
+            if isinstance(result, BaseException):
+                raise result
+            run_id, new = result
+            (metrics.runs.labels(routed.deployment) if new else metrics.deduplicated).inc()
+            runs.append({"fingerprint": routed.alert.fingerprint, "route": routed.route,
+                         "deployment": routed.deployment, "flow_run_id": run_id, "new": new})
+        metrics.handover.observe(time.monotonic() - t0)
+        if failures:
+            worst = max(failures, key=lambda f: f.status == 503)
+            log.warning("alerts not handed over (%d of %d): %s", len(failures), len(routed_alerts), worst.reason)
+            return JSONResponse({"error": worst.reason, "runs": runs}, status_code=worst.status)
+        return JSONResponse({"runs": runs, "unmatched": unmatched, "resolved": resolved})
+
+    return app
+
+
+def prefect_headers() -> dict[str, str]:
+    """The credentials Prefect's own client would send (PREFECT_API_KEY or, for a
+    self-hosted server, PREFECT_API_AUTH_STRING)."""
+    from prefect.settings import get_current_settings
+
+    api = get_current_settings().api
+    if api.key is not None:
+        return {"Authorization": f"Bearer {api.key.get_secret_value()}"}
+    if api.auth_string is not None:
+        token = base64.b64encode(api.auth_string.get_secret_value().encode()).decode()
+        return {"Authorization": f"Basic {token}"}
+    return {}
+
+
+def serve_receiver(host: str, port: int, say=print) -> None:  # type: ignore[no-untyped-def]
+    """Run the receiver until SIGTERM or Ctrl-C, with the `[alerts]` config of runbooks.toml."""
+    import uvicorn
+
+    from deployments.server import configured_api_url, local_api_url
+    from tasks.config import load_settings
+    from tasks.errors import ConfigError
+
+    settings = load_settings()
+    if settings.alerts is None:
+        raise ConfigError("runbooks.toml has no [alerts] section: the receiver needs its credentials "
+                          "and routes (see docs/alerts.md)")
+    api_url = configured_api_url() or local_api_url()
+    app = create_app(settings.alerts, api_url, prefect_headers())
+    say(f"Alert receiver: http://{host}:{port}{ENDPOINT} ({len(settings.alerts.routes)} routes), "
+        f"runs go to {api_url}")
+    uvicorn.run(app, host=host, port=port, log_level="warning", access_log=False)
