@@ -16,6 +16,7 @@ from datetime import datetime, timezone  # noqa: E402
 from typing import Optional  # noqa: E402
 
 import typer  # noqa: E402
+from rich.markup import escape  # noqa: E402
 from rich.console import Console  # noqa: E402
 from rich.table import Table  # noqa: E402
 
@@ -320,10 +321,10 @@ def main() -> None:
     try:
         app()
     except RunbookError as exc:
-        err.print(f"[red]error:[/red] {first_line(exc)}")
+        err.print(f"[red]error:[/red] {escape(first_line(exc))}")  # a message's [brackets] are text
         sys.exit(2)
     except Exception as exc:  # a failed flow run: Prefect has logged it already
-        err.print(f"[red]failed:[/red] {first_line(exc)}")
+        err.print(f"[red]failed:[/red] {escape(first_line(exc))}")
         sys.exit(1)
 
 

@@ -17,6 +17,7 @@ import asyncio
 import base64
 import hmac
 import logging
+import signal
 import time
 from collections import OrderedDict
 from contextlib import asynccontextmanager
@@ -304,4 +305,9 @@ def serve_receiver(host: str, port: int, say=print) -> None:  # type: ignore[no-
     app = create_app(settings.alerts, api_url, prefect_headers())
     say(f"Alert receiver: http://{host}:{port}{ENDPOINT} ({len(settings.alerts.routes)} routes), "
         f"runs go to {api_url}")
-    uvicorn.run(app, host=host, port=port, log_level="warning", access_log=False)
+    # uvicorn stops gracefully on SIGTERM/SIGINT, then raises the signal again for the
+    # handler it found: this one, so the command ends with status 0 and no traceback.
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: None)
+    uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level="warning", access_log=False)).run()
+    say("runbooks receiver stopped")

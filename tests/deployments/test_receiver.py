@@ -182,3 +182,54 @@ def test_prefect_unreachable_is_503_so_alertmanager_retries_and_a_bad_route_is_5
     assert back.status_code == 200 and back.json()["runs"][0]["new"]
     assert len(runs_with_key(f"{deployment}:{fp}")) == 1
     assert orphan.status_code == 500 and "no deployment 'receiver-test/not-there'" in orphan.json()["error"]
+
+
+def test_runbooks_receiver_serves_until_sigterm_and_needs_its_config(deployment, tmp_path):
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    from prefect.settings import PREFECT_API_URL
+
+    bare = tmp_path / "bare.toml"
+    bare.write_text("")
+    env = {**os.environ, "RUNBOOKS_CONFIG": str(bare), "PREFECT_API_URL": PREFECT_API_URL.value()}
+    cmd = [sys.executable, "-m", "deployments.cli", "receiver", "--port", str(port := free_port())]
+    refused = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=60)
+    assert refused.returncode == 2 and "no [alerts] section" in refused.stderr
+    assert "Traceback" not in refused.stderr
+
+    good = tmp_path / "runbooks.toml"
+    good.write_text(f'''[alerts]
+bearer_token = "{TOKEN}"
+[[alerts.routes]]
+name = "down"
+matchers = ['alertname = "ServiceDown"']
+deployment = "{deployment}"
+parameters = {{ service = "{{{{ labels.job }}}}" }}
+''')
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            env={**env, "RUNBOOKS_CONFIG": str(good)})
+    try:
+        url = f"http://127.0.0.1:{port}"
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                if httpx.get(url + "/healthz", timeout=1).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            assert time.monotonic() < deadline and proc.poll() is None, "runbooks receiver did not start"
+            time.sleep(0.2)
+        fp = uuid.uuid4().hex[:16]
+        answer = httpx.post(url + ENDPOINT, json=payload(fp), headers=BEARER)
+        assert answer.status_code == 200 and answer.json()["runs"][0]["new"], answer.text
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        out, _ = proc.communicate(timeout=30)
+    assert proc.returncode == 0, out
+    assert f"Alert receiver: http://127.0.0.1:{port}/alerts (1 routes)" in out
+    assert "Traceback" not in out and TOKEN not in out and "runbooks receiver stopped" in out
+    (run,) = runs_with_key(f"{deployment}:{fp}")
+    assert run["parameters"] == {"service": "api"}
