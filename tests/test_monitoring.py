@@ -1,0 +1,56 @@
+"""The repository's Prometheus rules and Alertmanager config, checked by the tools that
+load them (promtool, amtool) and against what the receiver and the runbooks expect."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+from pathlib import Path
+
+import yaml
+
+from tasks.alerts import _SEVERITY
+from tests.conftest import need
+
+MONITORING = Path(__file__).resolve().parent.parent / "monitoring"
+
+
+def tool(name: str) -> str:
+    path = shutil.which(name)
+    need(path is not None, f"{name} is not installed (Debian: prometheus, prometheus-alertmanager)")
+    return str(path)
+
+
+def check(args: list[str], cwd: Path = MONITORING) -> str:
+    proc = subprocess.run(args, cwd=cwd, capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    return proc.stdout + proc.stderr
+
+
+def test_the_rules_load_and_their_unit_tests_pass():
+    assert "SUCCESS: 7 rules found" in check([tool("promtool"), "check", "rules", "rules.yml"])
+    assert "SUCCESS" in check([tool("promtool"), "test", "rules", "rules_test.yml"], cwd=MONITORING / "tests")
+
+
+def test_the_alertmanager_config_loads_and_posts_to_the_receiver():
+    assert "SUCCESS" in check([tool("amtool"), "check-config", "alertmanager.yml"])
+    config = yaml.safe_load((MONITORING / "alertmanager.yml").read_text())
+    (hook,) = [h for r in config["receivers"] for h in r.get("webhook_configs", [])]
+    assert hook["url"].endswith("/alerts") and hook["send_resolved"] is True
+    assert hook["http_config"]["authorization"]["type"] == "Bearer"
+
+
+def test_every_rule_has_a_severity_the_receiver_knows_and_names_real_runbooks():
+    flows = {p.stem.replace("_", "-") for p in (MONITORING.parent / "flows").glob("*.py")}
+    rules = [r for g in yaml.safe_load((MONITORING / "rules.yml").read_text())["groups"] for r in g["rules"]]
+    for rule in rules:
+        assert rule["labels"]["severity"] in _SEVERITY, rule["alert"]
+        runbook = rule["annotations"].get("runbook")
+        assert runbook is None or runbook in flows, (rule["alert"], runbook)
+
+
+def test_a_broken_rule_is_refused(tmp_path):
+    bad = tmp_path / "bad.yml"
+    bad.write_text("groups:\n  - name: x\n    rules:\n      - alert: Broken\n        expr: up ==\n")
+    proc = subprocess.run([tool("promtool"), "check", "rules", str(bad)], capture_output=True, text=True)
+    assert proc.returncode == 1 and '"Broken": could not parse expression' in proc.stdout + proc.stderr
