@@ -17,6 +17,7 @@ import asyncio
 import base64
 import hmac
 import logging
+import random
 import signal
 import time
 from collections import OrderedDict
@@ -68,10 +69,10 @@ class Handover:
     is answered from memory, and at most PARALLEL calls go to Prefect at once (a busy
     SQLite-backed server answers 503, which is tried again, briefly)."""
 
-    PARALLEL = 8
+    PARALLEL = 4  # SQLite takes one write at a time: more only queue inside the server
     REMEMBER_SECONDS = 300.0
     REMEMBER_KEYS = 10_000
-    RETRIES = (0.1, 0.3, 0.9)  # seconds before each new try of a 503 or a refused connection
+    RETRIES = (0.1, 0.2, 0.4, 0.8, 1.6)  # seconds (with jitter) before each new try of a 503 or refused connection
 
     def __init__(self, client: httpx.AsyncClient) -> None:
         self.client = client
@@ -143,7 +144,7 @@ class Handover:
             else:
                 if response.status_code != 503 or pause is None:
                     return response
-            await asyncio.sleep(pause)
+            await asyncio.sleep(pause * random.uniform(0.5, 1.5))  # retries of a burst must not collide again
         raise AssertionError("unreachable")
 
     @staticmethod

@@ -233,3 +233,20 @@ parameters = {{ service = "{{{{ labels.job }}}}" }}
     assert "Traceback" not in out and TOKEN not in out and "runbooks receiver stopped" in out
     (run,) = runs_with_key(f"{deployment}:{fp}")
     assert run["parameters"] == {"service": "api"}
+
+
+def test_a_storm_of_a_thousand_posts_for_ten_alerts_makes_ten_runs(deployment):
+    base = uuid.uuid4().hex[:12]
+    with receiver(alerts_config(deployment)) as url:
+        async def storm() -> list[int]:
+            limits = httpx.Limits(max_connections=100)
+            async with httpx.AsyncClient(timeout=60, limits=limits) as client:
+                answers = await asyncio.gather(*(client.post(url + ENDPOINT, json=payload(f"{base}{i % 10}"),
+                                                             headers=BEARER) for i in range(1000)))
+            return [a.status_code for a in answers]
+
+        statuses = asyncio.run(storm())
+        health = httpx.get(url + "/healthz")
+    assert statuses == [200] * 1000 and health.status_code == 200
+    runs = runs_with_key(f"{deployment}:{base}")
+    assert len(runs) == 10 and len({r["idempotency_key"] for r in runs}) == 10
