@@ -130,21 +130,24 @@ def recover(title: str, flow_name: str, database: str, restore_point: datetime |
             recovery.resolve_tables(tables, tried[0].manifest)
             recovery.check_row_replacement(db)
         findings = before(run, db) if before else []
-        future = recovery.assess.submit(db, tried[0].manifest)  # runs while the backup is fetched
-        assessed = _joined(run, future)
-        try:
-            if dry_run:
-                return _plan(run, db, tried[0].manifest, assessed(), services, stop_writes, findings, tables)
-            lock_refusal = _refuse_second_recovery(database)
-            with exclusive("database", database, refuse=lock_refusal):
+        if dry_run:
+            with run.step("assess the damage") as step:
+                assessment = recovery.assess(db, tried[0].manifest)
+                step.detail = "; ".join(assessment.lines()[:5])
+            return _plan(run, db, tried[0].manifest, assessment, services, stop_writes, findings, tables)
+        lock_refusal = _refuse_second_recovery(database)
+        # The slot first: a slot requested while a submitted task runs waited ~2 s in Prefect.
+        with exclusive("database", database, refuse=lock_refusal):
+            future = recovery.assess.submit(db, tried[0].manifest)  # runs while the backup is fetched
+            try:
                 recovery_run = _Recovery(settings, db, store, run, flow_name, services, incident, why)
                 if tables:
-                    return recovery_run.execute_tables(tried, assessed, tables, auto_approve,
+                    return recovery_run.execute_tables(tried, _joined(run, future), tables, auto_approve,
                                                        approval_timeout_minutes, backup_id is not None)
-                return recovery_run.execute(tried, assessed, findings, stop_writes, auto_approve,
+                return recovery_run.execute(tried, _joined(run, future), findings, stop_writes, auto_approve,
                                             approval_timeout_minutes, backup_id is not None)
-        finally:
-            future.wait()  # a run that failed early still lets its assessment finish
+            finally:
+                future.wait()  # a run that failed early still lets its assessment finish
 
 
 def _joined(run: RunReport, future: Any) -> Callable[[], Assessment]:
