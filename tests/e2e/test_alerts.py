@@ -20,7 +20,7 @@ import yaml
 
 from demo.service import runbooks_section
 from tests.conftest import free_port, need
-from tests.e2e.conftest import BIN, Proc, base_env, spawn, start_server, wait_final, wait_for
+from tests.e2e.conftest import BIN, Proc, base_env, spawn, start_server, wait_final, wait_for, write_config
 
 MONITORING = Path(__file__).resolve().parents[2] / "monitoring"
 TOKEN = "e2e-receiver-token"
@@ -66,14 +66,8 @@ def drill(e2e_database: str, tmp_path_factory: pytest.TempPathFactory) -> Iterat
     prometheus, alertmanager = _binary("prometheus"), _binary("prometheus-alertmanager")
     root = tmp_path_factory.mktemp("alerts")
     api_port, prom_port, am_port, receiver_port = free_port(), free_port(), free_port(), free_port()
-    config = root / "runbooks.toml"
-    config.write_text(f"""
-[databases.orders]
-dsn = "{e2e_database}"
-store = "local"
-[stores.local]
-kind = "local"
-path = "{root / 'backups'}"
+    config = write_config(root / "runbooks.toml", e2e_database, root / "backups")
+    config.write_text(config.read_text() + f"""
 {runbooks_section(e2e_database, api_port, root, ready_deadline_seconds=30, watch_seconds=1)}
 [alerts]
 bearer_token = "{TOKEN}"
