@@ -32,7 +32,7 @@ sys.path.insert(0, str(REPO))
 
 import httpx  # noqa: E402
 
-from tests.e2e.conftest import BIN, base_env, spawn, start_server, wait_for  # noqa: E402
+from tests.e2e.conftest import BIN, alerts_section, base_env, spawn, start_server, wait_for  # noqa: E402
 from tests.conftest import free_port  # noqa: E402
 
 TOKEN = "bench-token"
@@ -119,9 +119,7 @@ def main() -> int:
             r = api.post("/deployments/", json={"name": name, "flow_id": flow_id, "enforce_parameter_schema": False})
             assert r.status_code in (200, 201), r.text
         config = root / "runbooks.toml"
-        config.write_text(f'[alerts]\nbearer_token = "{TOKEN}"\n[[alerts.routes]]\nname = "down"\n'
-                          f"matchers = ['alertname = \"ServiceDown\"']\ndeployment = \"alert-bench/{name}\"\n"
-                          'parameters = { service = "{{ labels.job }}" }\n')
+        config.write_text(alerts_section(TOKEN, "down", f"alert-bench/{name}"))
         port = free_port()
         receiver = spawn([str(BIN / "runbooks"), "receiver", "--port", str(port)],
                          base_env(root / "client", config, server.url), root / "receiver.log", cwd=root)

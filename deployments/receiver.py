@@ -135,17 +135,18 @@ class Handover:
         return response.json()["id"], response.status_code == 201
 
     async def _call(self, method: str, path: str, **kwargs: Any) -> httpx.Response:
-        for pause in (*self.RETRIES, None):
+        for pause in self.RETRIES:
             try:
                 response = await self.client.request(method, path, **kwargs)
-            except httpx.HTTPError as exc:
-                if pause is None:
-                    raise HandOverError(503, f"Prefect is unreachable ({type(exc).__name__})") from None
-            else:
-                if response.status_code != 503 or pause is None:
+                if response.status_code != 503:
                     return response
+            except httpx.HTTPError:
+                pass
             await asyncio.sleep(pause * random.uniform(0.5, 1.5))  # retries of a burst must not collide again
-        raise AssertionError("unreachable")
+        try:
+            return await self.client.request(method, path, **kwargs)  # the last try: its 503 is checked by the caller
+        except httpx.HTTPError as exc:
+            raise HandOverError(503, f"Prefect is unreachable ({type(exc).__name__})") from None
 
     @staticmethod
     def _check(response: httpx.Response, deployment: str) -> None:

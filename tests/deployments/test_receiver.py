@@ -20,6 +20,7 @@ import uvicorn
 from deployments.receiver import ENDPOINT, create_app
 from tasks.alerts import AlertsConfig
 from tests.conftest import free_port
+from tests.e2e.conftest import alerts_section
 
 TOKEN = "s3cret-token"
 
@@ -201,14 +202,7 @@ def test_runbooks_receiver_serves_until_sigterm_and_needs_its_config(deployment,
     assert "Traceback" not in refused.stderr
 
     good = tmp_path / "runbooks.toml"
-    good.write_text(f'''[alerts]
-bearer_token = "{TOKEN}"
-[[alerts.routes]]
-name = "down"
-matchers = ['alertname = "ServiceDown"']
-deployment = "{deployment}"
-parameters = {{ service = "{{{{ labels.job }}}}" }}
-''')
+    good.write_text(alerts_section(TOKEN, "down", deployment))
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                             env={**env, "RUNBOOKS_CONFIG": str(good)})
     try:

@@ -163,6 +163,19 @@ path = "{store}"
     return path
 
 
+def alerts_section(token: str, route: str, deployment: str) -> str:
+    """An `[alerts]` section with one route: ServiceDown to `deployment`, service = job."""
+    return f"""
+[alerts]
+bearer_token = "{token}"
+[[alerts.routes]]
+name = "{route}"
+matchers = ['alertname = "ServiceDown"']
+deployment = "{deployment}"
+parameters = {{ service = "{{{{ labels.job }}}}" }}
+"""
+
+
 @pytest.fixture(scope="session")
 def e2e_config(e2e_database: str, tmp_path_factory: pytest.TempPathFactory) -> Path:
     root = tmp_path_factory.mktemp("e2e-config")

@@ -20,7 +20,7 @@ import yaml
 
 from demo.service import runbooks_section
 from tests.conftest import free_port, need
-from tests.e2e.conftest import BIN, Proc, base_env, spawn, start_server, wait_final, wait_for, write_config
+from tests.e2e.conftest import BIN, Proc, base_env, spawn, start_server, wait_final, wait_for, write_config, alerts_section
 
 MONITORING = Path(__file__).resolve().parents[2] / "monitoring"
 TOKEN = "e2e-receiver-token"
@@ -69,14 +69,7 @@ def drill(e2e_database: str, tmp_path_factory: pytest.TempPathFactory) -> Iterat
     config = write_config(root / "runbooks.toml", e2e_database, root / "backups")
     config.write_text(config.read_text() + f"""
 {runbooks_section(e2e_database, api_port, root, ready_deadline_seconds=30, watch_seconds=1)}
-[alerts]
-bearer_token = "{TOKEN}"
-[[alerts.routes]]
-name = "service-down"
-matchers = ['alertname = "ServiceDown"']
-deployment = "service-restart/service-restart-api"
-parameters = {{ service = "{{{{ labels.job }}}}" }}
-""")
+""" + alerts_section(TOKEN, "service-down", "service-restart/service-restart-api"))
     procs: list[Proc] = []
     server = start_server(root / "prefect-home")
     try:
