@@ -1,21 +1,27 @@
 """`runbooks receiver`: the HTTP endpoint Alertmanager posts to. Each firing alert that a
-route matches becomes exactly one run of the route's deployment.
+route matches becomes exactly one incident: a run of the incident deployment, which runs
+the route's runbook. A resolved alert is handed to its incident's run.
 
 Answers, and why (Alertmanager retries 5xx and never 4xx):
   401  no or wrong credentials        413  a body over `max_body_bytes`
   422  not JSON, not payload version 4, or an alert without a fingerprint
   503  Prefect could not take the run (unreachable, or answering 5xx): retry
-  500  our own fault (a route names a deployment that does not exist, or parameters
-       it refuses); retried too, so a fixed config picks the alert up
-  200  every routed alert has its run (new or the one it already had)
+  500  our own fault (the incident deployment does not exist, or refuses the
+       parameters); retried too, so a fixed config picks the alert up
+  200  every routed alert has its incident (new or the one it already had)
 Nothing of a rejected request reaches a runbook.
+
+It also takes Slack's button clicks (`/slack/interactions`, signed with the Slack app's
+signing secret): "Acknowledge" on an incident's declaration.
 """
 
 from __future__ import annotations
 
 import asyncio
 import base64
+import hashlib
 import hmac
+import json
 import logging
 import random
 import signal
@@ -23,18 +29,21 @@ import time
 from collections import OrderedDict
 from contextlib import asynccontextmanager
 from typing import Any
-from urllib.parse import quote
+from urllib.parse import parse_qs, quote
 
 import httpx
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, PlainTextResponse
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram, generate_latest
-from pydantic import ValidationError
+from pydantic import SecretStr, ValidationError
 
+from tasks import incidents
 from tasks.alerts import AlertsConfig, Routed, WebhookPayload, route
 
 log = logging.getLogger("runbooks.receiver")
 ENDPOINT = "/alerts"
+SLACK_ENDPOINT = "/slack/interactions"
+SLACK_MAX_SKEW_SECONDS = 300  # Slack's advice: refuse older signatures (replays)
 
 
 class HandOverError(Exception):
@@ -56,7 +65,12 @@ class Metrics:
                                     registry=r)
         self.unmatched = Counter("runbooks_alerts_unmatched", "Firing alerts no route matched", registry=r)
         self.rejected = Counter("runbooks_alerts_rejected", "Requests refused, by reason", ["reason"], registry=r)
-        self.runs = Counter("runbooks_runs_created", "Runs created, by deployment", ["deployment"], registry=r)
+        self.runs = Counter("runbooks_runs_created", "Incident runs created, by the runbook they run",
+                            ["deployment"], registry=r)
+        self.resolved = Counter("runbooks_alerts_resolutions", "Resolved alerts, by what became of them "
+                                "(incident_updated, repeat, no_incident)", ["outcome"], registry=r)
+        self.acks = Counter("runbooks_slack_acknowledgements", "Slack button clicks, by outcome",
+                            ["outcome"], registry=r)
         self.handover = Histogram("runbooks_handover_seconds", "Request received to its runs created",
                                   buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5), registry=r)
 
@@ -74,8 +88,9 @@ class Handover:
     REMEMBER_KEYS = 10_000
     RETRIES = (0.1, 0.2, 0.4, 0.8, 1.6)  # seconds (with jitter) before each new try of a 503 or refused connection
 
-    def __init__(self, client: httpx.AsyncClient) -> None:
+    def __init__(self, client: httpx.AsyncClient, incident_deployment: str) -> None:
         self.client = client
+        self.incident_deployment = incident_deployment
         self._deployments: dict[str, str] = {}
         self._inflight: dict[str, asyncio.Future[tuple[str, bool]]] = {}
         self._recent: OrderedDict[str, tuple[str, float]] = OrderedDict()
@@ -116,23 +131,64 @@ class Handover:
             flow, deployment = (quote(part, safe="") for part in name.split("/", 1))
             response = await self._call("GET", f"deployments/name/{flow}/{deployment}")
             if response.status_code == 404:
-                raise HandOverError(500, f"no deployment {name!r} on the Prefect server (check the route)")
+                raise HandOverError(500, f"no deployment {name!r} on the Prefect server (is `runbooks serve` "
+                                         "or `prefect deploy --all` running with this prefect.yaml?)")
             self._check(response, name)
             self._deployments[name] = response.json()["id"]
         return self._deployments[name]
 
     async def _create(self, routed: Routed) -> tuple[str, bool]:
-        deployment_id = await self._deployment_id(routed.deployment)
+        deployment_id = await self._deployment_id(self.incident_deployment)
         alert = routed.alert
-        body = {"parameters": routed.parameters, "idempotency_key": routed.idempotency_key,
+        body = {"parameters": routed.incident_parameters(), "idempotency_key": routed.idempotency_key,
                 "tags": ["alert", f"route:{routed.route}", f"severity:{routed.severity.value.lower()}"],
                 "name": f"alert-{alert.labels.get('alertname', 'alert')[:40]}-{alert.fingerprint[:12]}".lower()}
         response = await self._call("POST", f"deployments/{deployment_id}/create_flow_run", json=body)
         if response.status_code == 404:
-            self._deployments.pop(routed.deployment, None)  # deleted since: look it up again next time
-            raise HandOverError(500, f"deployment {routed.deployment!r} is gone from the Prefect server")
-        self._check(response, routed.deployment)
+            self._deployments.pop(self.incident_deployment, None)  # deleted since: look it up again next time
+            raise HandOverError(500, f"deployment {self.incident_deployment!r} is gone from the Prefect server")
+        self._check(response, self.incident_deployment)
         return response.json()["id"], response.status_code == 201
+
+    async def resolve(self, routed: Routed) -> str:
+        """Tell the alert's incident run that the alert resolved: incident_updated, repeat
+        (it was told before) or no_incident (the alert never had one)."""
+        memo = "resolved:" + routed.idempotency_key
+        known = self._recent.get(memo)
+        if known is not None and known[1] > time.monotonic():
+            return "repeat"
+        deployment_id = await self._deployment_id(self.incident_deployment)
+        response = await self._call("POST", "flow_runs/filter", json={
+            "flow_runs": {"idempotency_key": {"any_": [routed.idempotency_key]}},
+            "deployments": {"id": {"any_": [deployment_id]}}, "limit": 1})
+        self._check(response, self.incident_deployment)
+        if not response.json():
+            return "no_incident"
+        run_id = response.json()[0]["id"]
+        alert = routed.alert
+        value = {"fingerprint": alert.fingerprint, "endsAt": alert.endsAt.isoformat() if alert.endsAt else None}
+        response = await self._call("POST", f"flow_runs/{run_id}/input", json={
+            "key": incidents.ALERT_RESOLVED, "value": json.dumps(value), "sender": "runbooks-receiver"})
+        if response.status_code != 409:  # 409: that run was told already
+            self._check(response, self.incident_deployment)
+        self._remember(memo, run_id)
+        return "repeat" if response.status_code == 409 else "incident_updated"
+
+    async def acknowledge(self, incident_id: str, by: str) -> str:
+        """Acknowledge an incident for a Slack click: acknowledged, already, or unknown."""
+        response = await self._call("GET", f"variables/name/{incidents.record_name(incident_id)}")
+        if response.status_code == 404:
+            return "unknown"
+        self._check(response, "variables")
+        run_id = (response.json().get("value") or {}).get("flow_run_id")
+        if not run_id:
+            return "unknown"
+        response = await self._call("POST", f"flow_runs/{run_id}/input", json={
+            "key": incidents.ACK, "value": json.dumps({"by": by, "via": "slack"}), "sender": "slack"})
+        if response.status_code == 409:
+            return "already"
+        self._check(response, "incident")
+        return "acknowledged"
 
     async def _call(self, method: str, path: str, **kwargs: Any) -> httpx.Response:
         for pause in self.RETRIES:
@@ -196,8 +252,10 @@ def _reason(exc: ValidationError) -> str:
     return f"{where}: {first['msg']}"
 
 
-def create_app(config: AlertsConfig, api_url: str, api_headers: dict[str, str] | None = None) -> FastAPI:
-    """The receiver for `config`, handing runs to the Prefect API at `api_url`."""
+def create_app(config: AlertsConfig, api_url: str, api_headers: dict[str, str] | None = None,
+               slack_signing_secret: SecretStr | None = None) -> FastAPI:
+    """The receiver for `config`, handing runs to the Prefect API at `api_url`; with a
+    Slack signing secret, it takes the incidents' Acknowledge clicks too."""
     metrics = Metrics()
     state: dict[str, Handover] = {}
 
@@ -205,7 +263,7 @@ def create_app(config: AlertsConfig, api_url: str, api_headers: dict[str, str] |
     async def lifespan(_: FastAPI):  # type: ignore[no-untyped-def]
         async with httpx.AsyncClient(base_url=api_url.rstrip("/") + "/", headers=api_headers or {},
                                      timeout=httpx.Timeout(10.0, connect=3.0)) as client:
-            state["handover"] = Handover(client)
+            state["handover"] = Handover(client, config.incident_deployment)
             yield
 
     app = FastAPI(title="runbooks alert receiver", lifespan=lifespan, docs_url=None, redoc_url=None,
@@ -239,30 +297,38 @@ def create_app(config: AlertsConfig, api_url: str, api_headers: dict[str, str] |
         except ValidationError as exc:
             reason = "version" if any(e["loc"][:1] == ("version",) for e in exc.errors()) else "malformed"
             return reject(422, reason, _reason(exc))
-        runs, unmatched, resolved = [], 0, 0
-        routed_alerts = []
+        runs, unmatched = [], 0
+        routed_alerts, resolved_alerts = [], []
         for alert in payload.alerts:
             metrics.received.labels(alert.status).inc()
-            if alert.status == "resolved":
-                resolved += 1  # the incident follows the alert; no runbook starts for it
-                continue
             routed = route(config, alert)
             if routed is None:
-                unmatched += 1
-                metrics.unmatched.inc()
-                log.info("no route for alert %s (%s)", alert.labels.get("alertname", "?"), alert.fingerprint)
+                if alert.status == "firing":
+                    unmatched += 1
+                    metrics.unmatched.inc()
+                    log.info("no route for alert %s (%s)", alert.labels.get("alertname", "?"), alert.fingerprint)
+                else:
+                    metrics.resolved.labels("no_incident").inc()
+                continue
+            if alert.status == "resolved":
+                resolved_alerts.append(routed)  # its incident follows it; no runbook starts
                 continue
             metrics.routed.labels(routed.route).inc()
             routed_alerts.append(routed)
-        results = await asyncio.gather(*(state["handover"].run_for(r) for r in routed_alerts),
-                                       return_exceptions=True)
-        failures = []
-        for routed, result in zip(routed_alerts, results):
+        handover = state["handover"]
+        results = await asyncio.gather(*(handover.run_for(r) for r in routed_alerts),
+                                       *(handover.resolve(r) for r in resolved_alerts), return_exceptions=True)
+        failures, updated = [], 0
+        for routed, result in zip(routed_alerts + resolved_alerts, results):
             if isinstance(result, HandOverError):
                 failures.append(result)
                 continue
             if isinstance(result, BaseException):
                 raise result
+            if isinstance(result, str):  # a resolution
+                metrics.resolved.labels(result).inc()
+                updated += result == "incident_updated"
+                continue
             run_id, new = result
             (metrics.runs.labels(routed.deployment) if new else metrics.deduplicated).inc()
             runs.append({"fingerprint": routed.alert.fingerprint, "route": routed.route,
@@ -272,9 +338,50 @@ def create_app(config: AlertsConfig, api_url: str, api_headers: dict[str, str] |
             worst = max(failures, key=lambda f: f.status == 503)
             log.warning("alerts not handed over (%d of %d): %s", len(failures), len(routed_alerts), worst.reason)
             return JSONResponse({"error": worst.reason, "runs": runs}, status_code=worst.status)
-        return JSONResponse({"runs": runs, "unmatched": unmatched, "resolved": resolved})
+        resolved = sum(a.status == "resolved" for a in payload.alerts)
+        return JSONResponse({"runs": runs, "unmatched": unmatched, "resolved": resolved,
+                             "incidents_updated": updated})
+
+    @app.post(SLACK_ENDPOINT)
+    async def slack_interaction(request: Request) -> JSONResponse:
+        """Slack's click on an incident's Acknowledge button (a signed form post)."""
+        if slack_signing_secret is None:
+            return reject(404, "slack_not_configured", "no Slack signing secret is configured")
+        body = await _body(request, config.max_body_bytes)
+        if body is None:
+            return reject(413, "too_large", f"body over {config.max_body_bytes} bytes")
+        if not _slack_signed(slack_signing_secret, request.headers, body):
+            return reject(401, "slack_signature", "missing, stale or wrong Slack signature")
+        try:
+            click = json.loads(parse_qs(body.decode())["payload"][0])
+            action = next(a for a in click["actions"] if a.get("action_id") == "incident_ack")
+            incident_id = incidents.check_id(str(action["value"]))
+            user = click.get("user") or {}
+            by = f"<@{user['id']}>" if user.get("id") else str(user.get("username") or user.get("name") or "someone")
+        except (KeyError, IndexError, StopIteration, TypeError, ValueError, UnicodeDecodeError,
+                incidents.UnknownIncident):
+            return reject(422, "malformed", "not an incident button click")
+        try:
+            outcome = await state["handover"].acknowledge(incident_id, by[:80])
+        except HandOverError as exc:
+            return JSONResponse({"error": exc.reason}, status_code=exc.status)
+        metrics.acks.labels(outcome).inc()
+        text = {"acknowledged": f"{incident_id} acknowledged by {by}.",
+                "already": f"{incident_id} was acknowledged already.",
+                "unknown": f"no incident {incident_id}."}[outcome]
+        return JSONResponse({"response_type": "ephemeral", "replace_original": False, "text": text})
 
     return app
+
+
+def _slack_signed(secret: SecretStr, headers: Any, body: bytes) -> bool:
+    """Slack's v0 signature: HMAC-SHA256 of `v0:<timestamp>:<body>`, within 5 minutes."""
+    stamp, given = headers.get("x-slack-request-timestamp", ""), headers.get("x-slack-signature", "")
+    if not stamp.isdigit() or abs(time.time() - int(stamp)) > SLACK_MAX_SKEW_SECONDS:
+        return False
+    expected = "v0=" + hmac.new(secret.get_secret_value().encode(), b"v0:" + stamp.encode() + b":" + body,
+                                hashlib.sha256).hexdigest()
+    return hmac.compare_digest(expected.encode(), given.encode())
 
 
 def prefect_headers() -> dict[str, str]:
@@ -304,7 +411,7 @@ def serve_receiver(host: str, port: int, say=print) -> None:  # type: ignore[no-
         raise ConfigError("runbooks.toml has no [alerts] section: the receiver needs its credentials "
                           "and routes (see docs/alerts.md)")
     api_url = configured_api_url() or local_api_url()
-    app = create_app(settings.alerts, api_url, prefect_headers())
+    app = create_app(settings.alerts, api_url, prefect_headers(), settings.notify.slack_signing_secret)
     say(f"Alert receiver: http://{host}:{port}{ENDPOINT} ({len(settings.alerts.routes)} routes), "
         f"runs go to {api_url}")
     # uvicorn stops gracefully on SIGTERM/SIGINT, then raises the signal again for the

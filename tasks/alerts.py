@@ -116,6 +116,9 @@ class AlertsConfig(BaseModel):
     basic_username: str | None = None
     basic_password: SecretStr | None = Field(None, description="or Basic auth with basic_username")
     max_body_bytes: int = Field(1 << 20, gt=0, description="larger bodies are refused with 413")
+    incident_deployment: str = Field("incident-response/incident-response", pattern=r"^[^/\s]+/[^/\s]+$",
+                                     description="every routed alert becomes a run of this deployment, "
+                                                 "which runs the route's runbook")
     routes: list[Route] = Field(default_factory=list)
 
     @model_validator(mode="after")
@@ -170,11 +173,17 @@ class Routed(BaseModel):
     idempotency_key: str
     alert: Alert
 
+    def incident_parameters(self) -> dict[str, Any]:
+        """The parameters of its incident-response run, which runs the runbook."""
+        return {"alert": self.alert.model_dump(mode="json"), "runbook": self.deployment,
+                "runbook_parameters": self.parameters, "severity": self.severity.value, "route": self.route}
+
 
 def idempotency_key(deployment: str, alert: Alert) -> str:
-    """One run per alert and deployment. Prefect's unique index is (flow, key), not per
-    deployment, so the deployment is part of it; Alertmanager's re-deliveries and
-    repeat notifications keep fingerprint and startsAt, so they map to the same run."""
+    """One incident per alert and runbook. Prefect's unique index is (flow, key), not per
+    deployment, so the runbook's deployment is part of it; Alertmanager's re-deliveries,
+    repeat notifications and resolution keep fingerprint and startsAt, so they map to
+    the same run."""
     return f"{deployment}:{alert.fingerprint}:{alert.startsAt.isoformat()}"
 
 

@@ -18,6 +18,7 @@ from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, Settings
 
 from tasks.alerts import AlertsConfig
 from tasks.errors import ConfigError
+from tasks.incidents import IncidentsConfig
 from tasks.notify import NotifySettings
 from tasks.prometheus import ErrorRate, PrometheusConfig
 from tasks.postgres import Database, DatabaseConfig
@@ -46,6 +47,8 @@ class Settings(BaseSettings):
     prometheus: PrometheusConfig | None = Field(None, description="where the services' metrics are; "
                                                 "without it restarts check only the probes")
     alerts: AlertsConfig | None = Field(None, description="the alert receiver: credentials and routes")
+    incidents: IncidentsConfig = Field(default_factory=IncidentsConfig, description="on-call people, "
+                                       "escalation and paging for incidents")
     work_dir: Path | None = Field(None, description="where restores spool the uncompressed archive, "
                                   "in a file without a name (needs its size free); default: the system "
                                   "temp dir")

@@ -22,6 +22,7 @@ from __future__ import annotations
 import logging
 import re
 from enum import Enum
+from collections.abc import Callable
 from typing import Any
 
 from prefect.exceptions import MissingContextError
@@ -30,7 +31,7 @@ from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator
 from slack_sdk import WebClient
 from slack_sdk.errors import SlackApiError
 
-__all__ = ["NotifySettings", "Notification", "Severity", "send"]
+__all__ = ["NotifySettings", "Notification", "Severity", "send", "open_channel", "invite", "post"]
 
 LOGGER_NAME = "runbooks.notify"
 
@@ -49,6 +50,7 @@ _MAX_HEADER_CHARS = 150
 _MAX_SECTION_CHARS = 3000
 _MAX_FIELD_CHARS = 2000
 _MAX_FALLBACK_CHARS = 3000
+_MAX_MESSAGE_CHARS = 39_000  # chat.postMessage truncates text beyond 40,000
 
 # Any Slack token shape, scrubbed from log lines in case an error echoes one.
 _TOKEN_RE = re.compile(r"xox[a-z]-[A-Za-z0-9-]+")
@@ -64,6 +66,8 @@ class NotifySettings(BaseModel):
     slack_channel: str = "#ops-alerts"
     # Base URL of the Slack Web API; tests point it at a local stand-in.
     slack_api_url: str = "https://slack.com/api/"
+    # Slack app's signing secret: the receiver checks the button clicks Slack posts with it.
+    slack_signing_secret: SecretStr | None = None
     timeout_seconds: float = Field(default=10.0, gt=0)
 
     @field_validator("slack_api_url")
@@ -169,6 +173,22 @@ def _send_slack(
     log: logging.Logger | logging.LoggerAdapter[Any],
 ) -> bool:
     """Post to Slack; on any failure log one scrubbed warning and return False."""
+    sent = _slack_call(settings, f"Slack notification to {settings.slack_channel}",
+                       lambda client: client.chat_postMessage(
+                           channel=settings.slack_channel,
+                           text=_truncate(_escape(_headline(note)), _MAX_FALLBACK_CHARS),
+                           blocks=_blocks(note)),
+                       token=token, log=log)
+    return sent is not None
+
+
+def _slack_call(settings: NotifySettings, what: str, call: Callable[[WebClient], Any], token: str | None = None,
+                log: logging.Logger | logging.LoggerAdapter[Any] | None = None,
+                tolerate: tuple[str, ...] = ()) -> Any:
+    """One Slack Web API call; its response, or None after one scrubbed warning line.
+    Errors named in `tolerate` (e.g. already_in_channel) come back as their response."""
+    token = token or (settings.slack_token.get_secret_value().strip() if settings.slack_token else "")
+    log = log or _logger()
     try:
         client = WebClient(
             token=token,
@@ -178,26 +198,74 @@ def _send_slack(
             timeout=settings.timeout_seconds,  # type: ignore[arg-type]
             logger=_SDK_LOG,
         )
-        client.chat_postMessage(
-            channel=settings.slack_channel,
-            text=_truncate(_escape(_headline(note)), _MAX_FALLBACK_CHARS),
-            blocks=_blocks(note),
-        )
-        return True
+        return call(client)
     except Exception as exc:  # noqa: BLE001 - Slack must never break a runbook
         if isinstance(exc, SlackApiError):
             resp = exc.response
+            if resp.get("error") in tolerate:
+                return resp
             reason = f"Slack API answered HTTP {resp.status_code}, error={resp.get('error')!r}"
         else:
             reason = f"{type(exc).__name__}: {exc}"
-        log.warning(
-            _one_line(
-                f"Slack notification to {settings.slack_channel} not delivered ({reason}); "
-                "the runbook carries on.",
-                token,
-            )
-        )
+        log.warning(_one_line(f"{what} not delivered ({reason}); the runbook carries on.", token))
+        return None
+
+
+def slack_configured(settings: NotifySettings) -> bool:
+    return bool(settings.slack_token and settings.slack_token.get_secret_value().strip())
+
+
+def open_channel(settings: NotifySettings, name: str, members: list[str]) -> str | None:
+    """The id of the public channel `name`, created if missing (conversations.create;
+    a name already taken is looked up, so a retried run finds its channel), with
+    `members` (Slack user ids) invited. None when Slack is not configured or refused."""
+    if not slack_configured(settings):
+        return None
+    created = _slack_call(settings, f"Slack channel #{name}",
+                          lambda client: client.conversations_create(name=name, is_private=False),
+                          tolerate=("name_taken",))
+    if created is None:
+        return None
+    channel_id = created.get("channel", {}).get("id") if created.get("ok") else _find_channel(settings, name)
+    if channel_id and members:
+        invite(settings, channel_id, members)
+    return channel_id
+
+
+def _find_channel(settings: NotifySettings, name: str) -> str | None:
+    cursor = None
+    for _ in range(50):  # 50 pages of 200: enough for any workspace we look after
+        page = _slack_call(settings, f"Slack channel lookup of #{name}", lambda client: client.conversations_list(
+            types="public_channel", exclude_archived=True, limit=200, cursor=cursor))
+        if page is None:
+            return None
+        for channel in page.get("channels", []):
+            if channel.get("name") == name:
+                return channel.get("id")
+        cursor = (page.get("response_metadata") or {}).get("next_cursor")
+        if not cursor:
+            return None
+    return None
+
+
+def invite(settings: NotifySettings, channel_id: str, users: list[str]) -> bool:
+    """conversations.invite; people already in the channel are not an error."""
+    if not users or not slack_configured(settings):
         return False
+    done = _slack_call(settings, f"Slack invitation of {len(users)} people",
+                       lambda client: client.conversations_invite(channel=channel_id, users=",".join(users)),
+                       tolerate=("already_in_channel",))
+    return done is not None
+
+
+def post(settings: NotifySettings, channel: str, text: str, blocks: list[dict[str, Any]] | None = None) -> bool:
+    """chat.postMessage of `text` (mrkdwn) to `channel` (id or #name); False on any failure."""
+    if not slack_configured(settings):
+        return False
+    done = _slack_call(settings, f"Slack message to {channel}", lambda client: client.chat_postMessage(
+        channel=channel, text=_truncate(text, _MAX_MESSAGE_CHARS), blocks=blocks,
+        unfurl_links=False, mrkdwn=True))
+    return done is not None
 
 
 def _blocks(note: Notification) -> list[dict[str, Any]]:

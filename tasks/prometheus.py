@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from datetime import datetime
+from urllib.parse import parse_qs, urlsplit
 
 import httpx
 from pydantic import BaseModel, ConfigDict, Field, field_validator
@@ -26,6 +28,10 @@ from tasks.errors import RunbookError
 DEFAULT_ERROR_RATE_QUERY = (
     '(sum(rate(fraiseql_http_requests_total{job="$job",status=~"5.."}[1m])) or vector(0))'
     ' / sum(rate(fraiseql_http_requests_total{job="$job"}[1m]))'
+)
+# The service's P95 query latency over the last 5 minutes, in seconds (NaN without traffic).
+DEFAULT_LATENCY_QUERY = (
+    'histogram_quantile(0.95, sum by (le) (rate(fraiseql_query_duration_seconds_bucket{job="$job"}[5m])))'
 )
 
 
@@ -51,12 +57,10 @@ class MetricsUnavailable(RunbookError):
     """Prometheus could not answer a query: unreachable, bad PromQL, or no data."""
 
 
-def query_value(prom: PrometheusConfig, promql: str) -> float | None:
-    """The one number an instant query returns; None when it is NaN (e.g. 0/0: no
-    traffic). A query that returns no series or several is an error: it cannot be
-    compared with a threshold."""
+def _api(prom: PrometheusConfig, path: str, params: dict[str, str], promql: str) -> dict:
+    """The `data` of one API call; every way it can fail is a MetricsUnavailable."""
     try:
-        response = httpx.get(f"{prom.url}/api/v1/query", params={"query": promql}, timeout=prom.timeout)
+        response = httpx.get(f"{prom.url}/api/v1/{path}", params=params, timeout=prom.timeout)
     except httpx.TimeoutException:
         raise MetricsUnavailable(f"Prometheus at {prom.url} did not answer within {prom.timeout:g}s") from None
     except httpx.HTTPError as exc:
@@ -71,7 +75,14 @@ def query_value(prom: PrometheusConfig, promql: str) -> float | None:
     if body["status"] == "error":
         raise MetricsUnavailable(f"Prometheus rejected the query {promql!r}: "
                                  f"{body.get('errorType', 'error')}: {body.get('error', response.status_code)}")
-    data = body.get("data") if isinstance(body.get("data"), dict) else {}
+    return body.get("data") if isinstance(body.get("data"), dict) else {}
+
+
+def query_value(prom: PrometheusConfig, promql: str) -> float | None:
+    """The one number an instant query returns; None when it is NaN (e.g. 0/0: no
+    traffic). A query that returns no series or several is an error: it cannot be
+    compared with a threshold."""
+    data = _api(prom, "query", {"query": promql}, promql)
     kind, result = data.get("resultType"), data.get("result")
     if kind == "vector" and result == []:
         raise MetricsUnavailable(f"the query {promql!r} returned no data (is the service scraped, "
@@ -86,6 +97,41 @@ def query_value(prom: PrometheusConfig, promql: str) -> float | None:
         raise MetricsUnavailable(f"the query {promql!r} returned a {kind or 'malformed'} result, "
                                  "not one number") from None
     return None if math.isnan(number) else number
+
+
+class Series(BaseModel):
+    """One series of a range query: its labels and its (unix time, value) samples."""
+
+    labels: dict[str, str]
+    samples: list[tuple[float, float]]
+
+
+def query_range(prom: PrometheusConfig, promql: str, start: datetime, end: datetime,
+                points: int = 240) -> list[Series]:
+    """Every series of `promql` from `start` to `end`, about `points` samples each
+    (Prometheus' step, at least 1 s). No series at all is an empty list, not an error:
+    an alert's expression is empty once it stops firing."""
+    step = max(1.0, (end - start).total_seconds() / points)
+    data = _api(prom, "query_range", {"query": promql, "start": f"{start.timestamp():.3f}",
+                                      "end": f"{end.timestamp():.3f}", "step": f"{step:g}"}, promql)
+    if data.get("resultType") != "matrix" or not isinstance(data.get("result"), list):
+        raise MetricsUnavailable(f"the range query {promql!r} returned a {data.get('resultType') or 'malformed'} "
+                                 "result, not a matrix")
+    try:
+        return [Series(labels=s.get("metric", {}), samples=[(float(t), float(v)) for t, v in s.get("values", [])])
+                for s in data["result"]]
+    except (TypeError, ValueError) as exc:
+        raise MetricsUnavailable(f"the range query {promql!r} returned samples that are not numbers: {exc}") from None
+
+
+def expression_of(generator_url: str) -> str | None:
+    """The PromQL of an alert, from the `generatorURL` Prometheus puts on it
+    (`.../graph?g0.expr=...`); None when the URL carries none."""
+    try:
+        values = parse_qs(urlsplit(generator_url).query).get("g0.expr")
+    except ValueError:
+        return None
+    return values[0] if values and values[0].strip() else None
 
 
 @dataclass

@@ -12,10 +12,11 @@ from __future__ import annotations
 import logging
 import re
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from contextvars import ContextVar
 from datetime import datetime, timezone
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import BaseModel
 
@@ -26,6 +27,31 @@ class StepRecord(BaseModel):
     seconds: float = 0.0
     outcome: str = "running"  # ok | failed | skipped
     detail: str = ""
+
+
+ReportEvent = Literal["step-started", "step-ended", "published"]
+Listener = Callable[[ReportEvent, "RunReport", "StepRecord | None"], None]
+_LISTENERS: ContextVar[tuple[Listener, ...]] = ContextVar("runbooks_report_listeners", default=())
+
+
+@contextmanager
+def listen(callback: Listener) -> Iterator[None]:
+    """Call `callback` for every step and report of the runs started inside this block
+    (a runbook run as a subflow of an incident posts its progress this way). A failing
+    listener is logged and never changes the run."""
+    token = _LISTENERS.set(_LISTENERS.get() + (callback,))
+    try:
+        yield
+    finally:
+        _LISTENERS.reset(token)
+
+
+def _tell(event: ReportEvent, report: "RunReport", step: "StepRecord | None") -> None:
+    for callback in _LISTENERS.get():
+        try:
+            callback(event, report, step)
+        except Exception as err:  # noqa: BLE001 - an onlooker must not break the runbook
+            logging.getLogger("runbooks.report").warning("report listener failed: %s", first_line(err))
 
 
 def first_line(exc: BaseException) -> str:
@@ -59,6 +85,7 @@ class RunReport:
         except Exception as err:  # noqa: BLE001 - a lost report must not change the run's outcome
             logging.getLogger("runbooks.report").warning("report for %s not published: %s",
                                                          self.target, first_line(err))
+        _tell("published", self, None)
 
     @property
     def elapsed(self) -> float:
@@ -69,6 +96,7 @@ class RunReport:
         record = StepRecord(name=name, started_at=datetime.now(timezone.utc))
         self.steps.append(record)
         t0 = time.monotonic()
+        _tell("step-started", self, record)
         try:
             yield record
         except BaseException as exc:
@@ -79,10 +107,12 @@ class RunReport:
                 record.outcome = "ok"
         finally:
             record.seconds = time.monotonic() - t0
+            _tell("step-ended", self, record)
 
     def skip(self, name: str, why: str) -> None:
-        self.steps.append(StepRecord(name=name, started_at=datetime.now(timezone.utc),
-                                     outcome="skipped", detail=why))
+        record = StepRecord(name=name, started_at=datetime.now(timezone.utc), outcome="skipped", detail=why)
+        self.steps.append(record)
+        _tell("step-ended", self, record)
 
     def figure(self, name: str, value: Any) -> None:
         self.figures[name] = str(value)

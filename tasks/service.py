@@ -31,7 +31,7 @@ from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator
 
 from tasks.errors import RunbookError
 from tasks.report import first_line
-from tasks.prometheus import DEFAULT_ERROR_RATE_QUERY
+from tasks.prometheus import DEFAULT_ERROR_RATE_QUERY, DEFAULT_LATENCY_QUERY
 
 
 # Reference runbook 1's success criterion "no new errors in logs": words that mark one.
@@ -602,6 +602,8 @@ class ServiceConfig(BaseModel):
                                   "requests (0..1); $job stands for its job")
     error_rate_threshold: float = Field(0.001, ge=0, le=1, description="0.1 %, the reference's error-rate "
                                         "SLO: above it the service is sick, and a restart must bring it under")
+    latency_query: str = Field(DEFAULT_LATENCY_QUERY, description="PromQL for its P95 latency in seconds "
+                               "(incident updates show it); $job stands for its job")
 
     log_error_pattern: str = Field(DEFAULT_LOG_ERROR_PATTERN, description="a regular expression: a line "
                                    "of its logs since a restart that matches is an error; empty: not checked")
@@ -617,6 +619,9 @@ class ServiceConfig(BaseModel):
 
     def error_rate_promql(self, name: str) -> str:
         return self.error_rate_query.replace("$job", self.prometheus_job or name)
+
+    def latency_promql(self, name: str) -> str:
+        return self.latency_query.replace("$job", self.prometheus_job or name)
 
     def error_lines(self, lines: list[str]) -> list[str]:
         """The lines that say something went wrong (none when the check is off)."""

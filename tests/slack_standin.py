@@ -1,7 +1,9 @@
 """A local HTTP stand-in of the Slack Web API that records what it received.
 
 The stand-in is a ThreadingHTTPServer on 127.0.0.1 that records every request
-(path, headers, parsed body) and answers like Slack, or fails on demand.
+(path, headers, parsed body) and answers like Slack for the methods we call
+(chat.postMessage; conversations.create, .list and .invite, keeping the channels it
+made), or fails on demand (`reply`, `status`, `fail_methods`).
 """
 
 from __future__ import annotations
@@ -10,6 +12,8 @@ import email
 import email.policy
 import json
 import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 from urllib.parse import parse_qs
@@ -25,7 +29,9 @@ class SlackStandIn:
     def __init__(self) -> None:
         self.requests: list[dict[str, Any]] = []
         self.status = 200
-        self.reply: dict[str, Any] | str = OK_REPLY
+        self.reply: dict[str, Any] | str | None = None  # None: answer as Slack would
+        self.fail_methods: dict[str, str] = {}  # method -> Slack error it answers with
+        self.channels: dict[str, str] = {}  # name -> id
         self.hang = False  # hold the answer until `release` is set (client timeout)
         self.release = threading.Event()
         self.url = ""
@@ -34,6 +40,27 @@ class SlackStandIn:
     def record(self, entry: dict[str, Any]) -> None:
         with self._lock:
             self.requests.append(entry)
+
+    def calls(self, method: str) -> list[dict[str, Any]]:
+        """The bodies of the requests to one Web API method, in order."""
+        return [r["body"] for r in self.requests if r["path"].endswith("/" + method)]
+
+    def answer(self, method: str, body: dict[str, Any]) -> dict[str, Any]:
+        if method in self.fail_methods:
+            return {"ok": False, "error": self.fail_methods[method]}
+        with self._lock:
+            if method == "conversations.create":
+                name = body.get("name", "")
+                if name in self.channels:
+                    return {"ok": False, "error": "name_taken"}
+                self.channels[name] = f"C{len(self.channels) + 100}"
+                return {"ok": True, "channel": {"id": self.channels[name], "name": name}}
+            if method == "conversations.list":
+                return {"ok": True, "channels": [{"id": i, "name": n} for n, i in self.channels.items()],
+                        "response_metadata": {"next_cursor": ""}}
+        if method == "conversations.invite":
+            return {"ok": True, "channel": {"id": body.get("channel")}}
+        return dict(OK_REPLY, channel=body.get("channel", "C1"))
 
 
 def _parse_body(content_type: str, raw: bytes) -> dict[str, Any]:
@@ -61,14 +88,11 @@ class _Handler(BaseHTTPRequestHandler):
     def do_POST(self) -> None:  # noqa: N802 - http.server naming
         stand_in: SlackStandIn = self.server.stand_in
         raw = self.rfile.read(int(self.headers.get("Content-Length", 0)))
-        stand_in.record({
-            "path": self.path,
-            "headers": dict(self.headers.items()),
-            "body": _parse_body(self.headers.get("Content-Type", ""), raw),
-        })
+        body = _parse_body(self.headers.get("Content-Type", ""), raw)
+        stand_in.record({"path": self.path, "headers": dict(self.headers.items()), "body": body})
         if stand_in.hang:
             stand_in.release.wait(timeout=10)
-        reply = stand_in.reply
+        reply = stand_in.reply if stand_in.reply is not None else stand_in.answer(self.path.rsplit("/", 1)[-1], body)
         data = (reply if isinstance(reply, str) else json.dumps(reply)).encode()
         try:
             self.send_response(stand_in.status)
@@ -91,8 +115,9 @@ def _no_proxy(monkeypatch: pytest.MonkeyPatch) -> None:
         monkeypatch.delenv(name, raising=False)
 
 
-@pytest.fixture
-def slack(_no_proxy: None) -> Any:
+@contextmanager
+def running_standin() -> Iterator[SlackStandIn]:
+    """The stand-in on a free loopback port, for as long as the block runs."""
     stand_in = SlackStandIn()
     server = ThreadingHTTPServer(("127.0.0.1", 0), _Handler)
     server.daemon_threads = True
@@ -101,10 +126,16 @@ def slack(_no_proxy: None) -> Any:
     thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05},
                               daemon=True)
     thread.start()
-    yield stand_in
-    stand_in.release.set()
-    server.shutdown()
-    server.server_close()
-    thread.join(timeout=5)
+    try:
+        yield stand_in
+    finally:
+        stand_in.release.set()
+        server.shutdown()
+        server.server_close()
+        thread.join(timeout=5)
 
 
+@pytest.fixture
+def slack(_no_proxy: None) -> Iterator[SlackStandIn]:
+    with running_standin() as stand_in:
+        yield stand_in
