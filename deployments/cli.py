@@ -12,8 +12,10 @@ from flows._common import tidy_logs  # noqa: E402 - imports Prefect, so after qu
 tidy_logs()
 
 import sys  # noqa: E402
+from collections.abc import Iterator  # noqa: E402
+from contextlib import contextmanager  # noqa: E402
 from datetime import datetime, timezone  # noqa: E402
-from typing import Optional  # noqa: E402
+from typing import Any, Optional  # noqa: E402
 
 import typer  # noqa: E402
 from rich.markup import escape  # noqa: E402
@@ -28,7 +30,7 @@ from tasks.prometheus import MetricsUnavailable, query_value  # noqa: E402
 from tasks.errors import RunbookError  # noqa: E402
 from tasks.report import first_line, human_bytes  # noqa: E402
 
-app = typer.Typer(help="Runbook and disaster-recovery automation on Prefect.",
+app = typer.Typer(help="Runbook and disaster-recovery automation on Prefect.", rich_markup_mode=None,
                   no_args_is_help=True, pretty_exceptions_enable=False, add_completion=False)
 config_app = typer.Typer(help="Check the configuration.", no_args_is_help=True)
 backups_app = typer.Typer(help="What the backup stores hold.", no_args_is_help=True)
@@ -36,6 +38,8 @@ app.add_typer(config_app, name="config")
 app.add_typer(backups_app, name="backups")
 recovery_app = typer.Typer(help="What database recoveries left behind.", no_args_is_help=True)
 app.add_typer(recovery_app, name="recovery")
+incident_app = typer.Typer(help="Incidents: list them, acknowledge, resolve.", no_args_is_help=True)
+app.add_typer(incident_app, name="incident")
 class _Out:
     """Prints to whatever sys.stdout/stderr is now (a test runner may swap them);
     wide when piped (a log, a ticket), so ids and DSNs are never cut."""
@@ -282,6 +286,67 @@ def recovery_cleanup(database: Optional[str] = typer.Option(None, help="only thi
                 out.print(f"{name}: dropped {x.name}")
 
 
+@contextmanager
+def _prefect() -> Iterator[Any]:
+    """A Prefect client on the server the incidents live on (as `runbooks run` finds it)."""
+    from prefect.client.orchestration import get_client
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    from deployments.server import require_server
+
+    with temporary_settings({PREFECT_API_URL: require_server()}), get_client(sync_client=True) as client:
+        yield client
+
+
+@incident_app.command("list")
+def incident_list(limit: int = typer.Option(20, help="how many, newest first")) -> None:
+    """The newest incidents: id, severity, status, who acknowledged, title."""
+    from tasks import incidents
+
+    with _prefect() as client:
+        found = incidents.recent(client, min(max(limit, 1), 200))
+    if not found:
+        out.print("no incidents")
+        return
+    table = Table(title_justify="left")
+    for col in ("incident", "severity", "status", "declared (UTC)", "acknowledged by", "channel", "title"):
+        table.add_column(col)
+    for r in found:
+        table.add_row(r.id, r.severity.value, r.status, f"{r.declared_at:%Y-%m-%d %H:%M}", r.acknowledged_by or "",
+                      r.channel or "", escape(r.title))
+    out.print(table)
+
+
+@incident_app.command("ack")
+def incident_ack(incident_id: str, by: str = typer.Option(..., "--by", help="your name, as the report shows it")) -> None:
+    """Acknowledge INCIDENT_ID: escalation stops; the channel and the report say who."""
+    from tasks import incidents
+
+    with _prefect() as client:
+        record, new = incidents.tell(client, incident_id, incidents.ACK, {"by": by.strip()[:80], "via": "cli"},
+                                     sender="cli")
+    out.print(f"{record.id} acknowledged by {escape(by)}" if new else
+              f"{record.id} was acknowledged already" + (f" by {escape(record.acknowledged_by)}"
+                                                         if record.acknowledged_by else ""))
+
+
+@incident_app.command("resolve")
+def incident_resolve(incident_id: str, by: str = typer.Option(..., "--by", help="your name"),
+                     note: str = typer.Option("", "--note", help="how it was resolved")) -> None:
+    """Resolve INCIDENT_ID by hand (e.g. fixed without its alert clearing): the run posts
+    the resolution and writes the post-incident report."""
+    from tasks import incidents
+
+    with _prefect() as client:
+        record = incidents.find(client, incident_id)
+        if record.status == "resolved":
+            raise RunbookError(f"{record.id} is resolved already")
+        record, new = incidents.tell(client, incident_id, incidents.RESOLVE,
+                                     {"by": by.strip()[:80], "note": note.strip()[:500]}, sender="cli")
+    out.print(f"{record.id}: resolution sent; its run posts it and writes the report" if new else
+              f"{record.id}: a resolution was sent already")
+
+
 @app.command("run")
 def run_deployment(name: str = typer.Argument(..., help="deployment name from prefect.yaml, e.g. backup-orders"),
                    param: list[str] = typer.Option([], "--param", "-p", help="key=value (repeatable)"),
@@ -299,12 +364,19 @@ def run_deployment(name: str = typer.Argument(..., help="deployment name from pr
 @app.command("serve")
 def serve(port: int = typer.Option(4200, help="port of the local Prefect server, when one is started"),
           poll_seconds: float = typer.Option(POLL_SECONDS, envvar="RUNBOOKS_SERVE_POLL_SECONDS",
-                                             help="how often to look for runs to start")) -> None:
-    """Serve every deployment in prefect.yaml (schedules included) from this process.
-    Uses PREFECT_API_URL when set; otherwise starts a local Prefect server with its UI."""
+                                             help="how often to look for runs to start"),
+          receiver: Optional[bool] = typer.Option(None, "--receiver/--no-receiver",
+                                                  help="run the alert receiver too (default: when runbooks.toml "
+                                                       "has [alerts])"),
+          receiver_host: str = typer.Option("127.0.0.1", help="the receiver's address"),
+          receiver_port: int = typer.Option(9095, help="the receiver's port")) -> None:
+    """Serve every deployment in prefect.yaml (schedules included) from this process, and
+    the alert receiver beside them when [alerts] is configured. Uses PREFECT_API_URL when
+    set; otherwise starts a local Prefect server with its UI."""
     from deployments.serve import serve_all
 
-    serve_all(port=port, poll_seconds=poll_seconds, say=out.print)
+    serve_all(port=port, poll_seconds=poll_seconds, say=out.print, receiver=receiver, receiver_host=receiver_host,
+              receiver_port=receiver_port)
 
 
 @app.command("receiver")

@@ -27,7 +27,8 @@ import random
 import signal
 import time
 from collections import OrderedDict
-from contextlib import asynccontextmanager
+from collections.abc import Iterator
+from contextlib import asynccontextmanager, contextmanager
 from typing import Any
 from urllib.parse import parse_qs, quote
 
@@ -398,25 +399,60 @@ def prefect_headers() -> dict[str, str]:
     return {}
 
 
-def serve_receiver(host: str, port: int, say=print) -> None:  # type: ignore[no-untyped-def]
-    """Run the receiver until SIGTERM or Ctrl-C, with the `[alerts]` config of runbooks.toml."""
+def receiver_server(settings: Any, api_url: str, host: str, port: int) -> Any:
+    """The uvicorn server of the receiver for `settings` (which must have `[alerts]`)."""
     import uvicorn
 
-    from deployments.server import configured_api_url, local_api_url
-    from tasks.config import load_settings
     from tasks.errors import ConfigError
 
-    settings = load_settings()
     if settings.alerts is None:
         raise ConfigError("runbooks.toml has no [alerts] section: the receiver needs its credentials "
                           "and routes (see docs/alerts.md)")
-    api_url = configured_api_url() or local_api_url()
     app = create_app(settings.alerts, api_url, prefect_headers(), settings.notify.slack_signing_secret)
-    say(f"Alert receiver: http://{host}:{port}{ENDPOINT} ({len(settings.alerts.routes)} routes), "
-        f"runs go to {api_url}")
+    return uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level="warning", access_log=False))
+
+
+def describe(settings: Any, host: str, port: int, api_url: str) -> str:
+    return (f"Alert receiver: http://{host}:{port}{ENDPOINT} ({len(settings.alerts.routes)} routes), "
+            f"runs go to {api_url}")
+
+
+def serve_receiver(host: str, port: int, say=print) -> None:  # type: ignore[no-untyped-def]
+    """Run the receiver until SIGTERM or Ctrl-C, with the `[alerts]` config of runbooks.toml."""
+    from deployments.server import configured_api_url, local_api_url
+    from tasks.config import load_settings
+
+    settings = load_settings()
+    api_url = configured_api_url() or local_api_url()
+    server = receiver_server(settings, api_url, host, port)
+    say(describe(settings, host, port, api_url))
     # uvicorn stops gracefully on SIGTERM/SIGINT, then raises the signal again for the
     # handler it found: this one, so the command ends with status 0 and no traceback.
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: None)
-    uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level="warning", access_log=False)).run()
+    server.run()
     say("runbooks receiver stopped")
+
+
+@contextmanager
+def receiver_beside(settings: Any, api_url: str, host: str, port: int, say=print) -> Iterator[None]:  # type: ignore[no-untyped-def]
+    """The receiver in a thread of this process for the block (`runbooks serve`)."""
+    import threading
+
+    from tasks.errors import RunbookError
+
+    server = receiver_server(settings, api_url, host, port)
+    thread = threading.Thread(target=server.run, name="runbooks-receiver", daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 20
+    while not server.started:
+        if not thread.is_alive() or time.monotonic() > deadline:
+            raise RunbookError(f"the alert receiver could not listen on {host}:{port} (taken?): "
+                               "pass --receiver-port, or --no-receiver")
+        time.sleep(0.05)
+    say(describe(settings, host, port, api_url))
+    try:
+        yield
+    finally:
+        server.should_exit = True
+        thread.join(timeout=15)

@@ -17,13 +17,17 @@ from tasks.errors import ConfigError
 POLL_SECONDS = 1.0  # Prefect's runner default is 10 s: a run would wait that long to start
 
 
-def configured_targets() -> dict[str, list[str]]:
-    """Target names for the forms' dropdowns; no config (or a broken one) means plain fields."""
+def configured_settings():  # type: ignore[no-untyped-def]
+    """runbooks.toml, or None where there is none; a broken one stops us (never served)."""
     from tasks.config import config_path, load_settings
 
-    if not config_path().is_file():
+    return load_settings() if config_path().is_file() else None
+
+
+def configured_targets(settings) -> dict[str, list[str]]:  # type: ignore[no-untyped-def]
+    """Target names for the forms' dropdowns; no config means plain fields."""
+    if settings is None:
         return {}
-    settings = load_settings()  # a broken config must not be served: its error stops us
     return {"databases": list(settings.databases), "services": list(settings.services),
             "stores": list(settings.stores)}
 
@@ -40,23 +44,31 @@ def _stop(*_: object) -> None:
     raise _Stopped()
 
 
-def serve_all(port: int, poll_seconds: float = POLL_SECONDS, say=print) -> None:
+def serve_all(port: int, poll_seconds: float = POLL_SECONDS, say=print, receiver: bool | None = None,
+              receiver_host: str = "127.0.0.1", receiver_port: int = 9095) -> None:
     """Validate prefect.yaml, connect to (or start) the Prefect server, serve until stopped
-    (SIGTERM or Ctrl-C); the local server it started stops with it."""
+    (SIGTERM or Ctrl-C); the local server it started stops with it. The alert receiver
+    runs beside the deployments when `receiver` (default: when [alerts] is configured)."""
     _stop_requested.clear()
     signal.signal(signal.SIGTERM, _stop)
     try:
-        _serve(port, poll_seconds, say)
+        _serve(port, poll_seconds, say, receiver, receiver_host, receiver_port)
     except (_Stopped, KeyboardInterrupt):
         say("runbooks serve stopped")
 
 
-def _serve(port: int, poll_seconds: float, say) -> None:
+def _serve(port: int, poll_seconds: float, say, receiver: bool | None, receiver_host: str,
+           receiver_port: int) -> None:
     from prefect.settings import PREFECT_API_URL, temporary_settings
 
     if poll_seconds <= 0:
         raise ConfigError("--poll-seconds must be more than 0")
-    deployments = build_deployments(read_specs(), configured_targets())  # before any server
+    settings = configured_settings()
+    if receiver is None:
+        receiver = settings is not None and settings.alerts is not None
+    elif receiver and (settings is None or settings.alerts is None):
+        raise ConfigError("--receiver needs an [alerts] section in runbooks.toml (see docs/alerts.md)")
+    deployments = build_deployments(read_specs(), configured_targets(settings))  # before any server
     with ExitStack() as stack:
         url = configured_server()
         if url:
@@ -67,6 +79,10 @@ def _serve(port: int, poll_seconds: float, say) -> None:
                 f"for other shells: export PREFECT_API_URL={url})")
         os.environ["PREFECT_API_URL"] = url  # the runs this process starts inherit it
         stack.enter_context(temporary_settings({PREFECT_API_URL: url}))
+        if receiver:
+            from deployments.receiver import receiver_beside
+
+            stack.enter_context(receiver_beside(settings, url, receiver_host, receiver_port, say))
         say(f"Serving {len(deployments)} deployments: "
             + ", ".join(d.name for d in deployments) + f" (polling every {poll_seconds:g} s)")
         try:

@@ -163,11 +163,13 @@ path = "{store}"
     return path
 
 
-def alerts_section(token: str, route: str, deployment: str) -> str:
+def alerts_section(token: str, route: str, deployment: str, incident_deployment: str | None = None) -> str:
     """An `[alerts]` section with one route: ServiceDown to `deployment`, service = job."""
+    incident = f'incident_deployment = "{incident_deployment}"' if incident_deployment else ""
     return f"""
 [alerts]
 bearer_token = "{token}"
+{incident}
 [[alerts.routes]]
 name = "{route}"
 matchers = ['alertname = "ServiceDown"']
