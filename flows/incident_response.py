@@ -245,7 +245,7 @@ def _declare(settings: Settings, title: str, severity: Severity, service: str | 
                        + (f", route {route}" if route else ""), at=alert.startsAt)
     if created:
         incident.event("receiver", "alert handed over to Prefect (incident run created)", at=created)
-    incident.event("incident", f"{record.id} declared ({severity.value}), run {run_url() or run_id}", at=now)
+    incident.event("incident", f"{record.id} declared ({severity.value})", at=now)
     if channel_id:
         incident.event("slack", f"channel {channel} created, on call invited: {', '.join(cfg.on_call) or 'nobody'}")
     how = (f"Acknowledge with the button below or `runbooks incident ack {record.id} --by <name>`"
@@ -276,7 +276,7 @@ def _impact_over(settings: Settings, service: str | None, start: datetime, end: 
     except MetricsUnavailable as exc:
         return [f"Error rate peak: unknown ({first_line(exc)})"]
     return [f"Error rate peak: {percent(top)} (threshold {errors.threshold:.2%})" if top is not None else
-            "Error rate: no samples while it lasted"]
+            "Error rate: no requests answered while it lasted"]
 
 
 def _service_logs(settings: Settings, service: str | None) -> list[str]:
@@ -417,9 +417,7 @@ def _await_resolution(settings: Settings, incident: incidents.Incident, has_aler
         incident.resolve(incident.resolve_note or "resolved by a person", _now())
     else:
         ended = incident.alert_ended_at or _now()
-        how = f"the alert resolved at {ended:%H:%M:%S} UTC" + (f" after {f.runbook} {f.runbook_outcome}"
-                                                               if f.runbook else "")
-        incident.resolve(how, ended)
+        incident.resolve(f"the alert resolved at {ended:%H:%M:%S} UTC", ended)
     return True
 
 

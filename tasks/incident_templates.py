@@ -224,21 +224,23 @@ def post_incident_report(f: Facts, timeline: list[Event], evidence_md: str, runb
     resolved = f"{utc(f.resolved_at)} - {f.resolved_how}" if f.resolved_at else "not resolved yet"
     seconds = ((f.resolved_at or timeline[-1].at) - f.detected_at).total_seconds() if timeline else 0
     start = timeline[0].at if timeline else f.detected_at
-    rows = [f"| {e.at:%Y-%m-%d %H:%M:%S} | +{(e.at - start).total_seconds():.1f} | {e.source} | {_md(e.text)} |"
+    rows = [f"| {e.at:%H:%M:%S} | +{(e.at - start).total_seconds():.1f} | {e.source} | {_md(e.text)} |"
             for e in timeline]
+    summary = f"{f.title} ({f.severity.value}, service {f.service or 'not named'})."
+    if f.runbook:
+        summary += f" The runbook {f.runbook} {f.runbook_outcome}."
+    summary += f" Resolved: {f.resolved_how}." if f.resolved_at else " Still open."
     return f"""# Incident Report: {f.id}
 
 ## Summary
-{f.title} ({f.severity.value}, service {f.service or 'not named'}). {root_cause(f)} \
-{f'The runbook {f.runbook} {f.runbook_outcome}. ' if f.runbook else ''}\
-{f'Resolved: {f.resolved_how}.' if f.resolved_at else 'Still open.'}
+{summary}
 
 ## Timeline
 - **Detection**: {detected}
 - **Response**: {response}
 - **Resolution**: {resolved}
 
-| time (UTC) | since start (s) | source | event |
+| {start:%Y-%m-%d} (UTC) | since start (s) | source | event |
 |---|---:|---|---|
 {chr(10).join(rows)}
 
@@ -254,7 +256,7 @@ def post_incident_report(f: Facts, timeline: list[Event], evidence_md: str, runb
 {TO_DECIDE}: the underlying cause.
 
 ## Resolution
-{f.resolved_how or 'not resolved yet'}.{f' Runbook {f.runbook}: {f.runbook_outcome}.' if f.runbook else ''}
+{(f.resolved_how or 'not resolved yet').capitalize()}.{f' Runbook {f.runbook}: {f.runbook_outcome}.' if f.runbook else ''}
 
 ## Prevention
 {TO_DECIDE}: action items with owners and due dates.

@@ -271,7 +271,8 @@ class Incident:
         if where is None:
             return False
         posted = notify.post(self.slack, where, text, blocks)
-        self.event("slack", f"{what} posted" if posted else f"{what} NOT posted (Slack failed)")
+        if not posted or what != "status update":  # updates follow the runbook's steps, already listed
+            self.event("slack", f"{what} posted" if posted else f"{what} NOT posted (Slack failed)")
         return posted
 
     def save(self) -> None:

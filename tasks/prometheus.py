@@ -107,7 +107,7 @@ class Series(BaseModel):
 
 
 def query_range(prom: PrometheusConfig, promql: str, start: datetime, end: datetime,
-                points: int = 240) -> list[Series]:
+                points: int = 1000) -> list[Series]:
     """Every series of `promql` from `start` to `end`, about `points` samples each
     (Prometheus' step, at least 1 s). No series at all is an empty list, not an error:
     an alert's expression is empty once it stops firing."""
