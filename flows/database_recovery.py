@@ -26,6 +26,7 @@ from tasks.backups import Manifest
 from tasks.concurrency import exclusive
 from tasks.config import Settings, load_settings
 from tasks.errors import IntegrityError, RunbookError
+from tasks.incident_templates import customer_notice, span
 from tasks.journal import Journal
 from tasks.notify import Severity
 from tasks.postgres import Database
@@ -608,14 +609,7 @@ def _reconcile(db: Database, aside: str, manifest: Manifest, maxima: dict[str, i
 
 
 def _duration(seconds: float | None) -> str:
-    if seconds is None:
-        return "unknown"
-    seconds = max(0.0, seconds)
-    if seconds < 120:
-        return f"{seconds:.0f} s"
-    if seconds < 7200:
-        return f"{seconds / 60:.0f} min"
-    return f"{seconds / 3600:.1f} h"
+    return "unknown" if seconds is None else span(seconds)
 
 
 def _customer_notice(database: str, manifest: Manifest, r: RecoveryResult, why: str, incident: str | None) -> str:
@@ -623,34 +617,18 @@ def _customer_notice(database: str, manifest: Manifest, r: RecoveryResult, why: 
     artifact for a person to complete and send; it is never sent automatically."""
     stopped, ready, taken = r.writes_stopped_at, r.ready_at, manifest.started_at
     assert stopped and ready
-    text = f"""Subject: [RESOLVED] Service disruption - {stopped:%Y-%m-%d}
-
-Dear customer,
-
-We experienced a service disruption on {stopped:%Y-%m-%d} from {stopped:%H:%M:%S} to {ready:%H:%M:%S} UTC.
-
-WHAT HAPPENED:
-{why} The {database} database was restored from its backup taken at {taken:%Y-%m-%d %H:%M:%S} UTC.
-
-ROOT CAUSE:
-[to be completed]
-
-IMPACT ON YOUR ACCOUNT:
-The service was unavailable for {r.outage_seconds:.0f} seconds. Changes made between {taken:%H:%M:%S} and \
-{stopped:%H:%M:%S} UTC on {stopped:%Y-%m-%d} ({_duration(r.data_loss_window_seconds)}) may be missing; we are \
-reconciling them from the copy we kept.
-
-RESOLUTION:
-We restored the database from a verified backup, checked every table's row count and a sample of records \
-against the backup's manifest, and brought the service back at {ready:%H:%M:%S} UTC.
-
-NEXT STEPS:
-We will implement:
-1. [prevention 1] - Target: [date]
-2. [prevention 2] - Target: [date]
-
-We sincerely apologize for the disruption.
-{f"Reference: {incident}" if incident else ""}"""
+    text = customer_notice(
+        date=stopped, start=stopped, end=ready,
+        what_happened=f"{why} The {database} database was restored from its backup taken at "
+                      f"{taken:%Y-%m-%d %H:%M:%S} UTC.",
+        root_cause="[to be completed]",
+        impact=f"The service was unavailable for {r.outage_seconds:.0f} seconds. Changes made between "
+               f"{taken:%H:%M:%S} and {stopped:%H:%M:%S} UTC on {stopped:%Y-%m-%d} "
+               f"({_duration(r.data_loss_window_seconds)}) may be missing; we are reconciling them from the copy "
+               "we kept.",
+        resolution=f"We restored the database from a verified backup, checked every table's row count and a sample "
+                   f"of records against the backup's manifest, and brought the service back at {ready:%H:%M:%S} UTC.",
+        reference=incident)
     from prefect.artifacts import create_markdown_artifact
     from prefect.context import FlowRunContext
 

@@ -207,7 +207,7 @@ def incident_notice(f: Facts, contact: str | None) -> str:
         impact=f"The disruption lasted {span(seconds)}. " + (" ".join(f"{line}." for line in f.impact)
                                                               if f.impact else "[requests affected]"),
         resolution=f"{done} The service was back at {end:%H:%M:%S} UTC ({f.resolved_how or 'resolved'}).",
-        reference=f.id)
+        reference=f.id, contact=contact)
 
 
 def _md(text: str) -> str:
