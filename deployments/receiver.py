@@ -38,6 +38,7 @@ from fastapi.responses import JSONResponse, PlainTextResponse
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram, generate_latest
 from pydantic import SecretStr, ValidationError
 
+from deployments.health_metrics import RunbookHealth
 from tasks import incidents
 from tasks.alerts import AlertsConfig, Routed, WebhookPayload, route
 
@@ -45,6 +46,7 @@ log = logging.getLogger("runbooks.receiver")
 ENDPOINT = "/alerts"
 SLACK_ENDPOINT = "/slack/interactions"
 SLACK_MAX_SKEW_SECONDS = 300  # Slack's advice: refuse older signatures (replays)
+HEALTH_READ_SECONDS = 5.0  # a scrape waits this long at most for Prefect's run record
 
 
 class HandOverError(Exception):
@@ -258,13 +260,15 @@ def create_app(config: AlertsConfig, api_url: str, api_headers: dict[str, str] |
     """The receiver for `config`, handing runs to the Prefect API at `api_url`; with a
     Slack signing secret, it takes the incidents' Acknowledge clicks too."""
     metrics = Metrics()
-    state: dict[str, Handover] = {}
+    state: dict[str, Any] = {}
 
     @asynccontextmanager
     async def lifespan(_: FastAPI):  # type: ignore[no-untyped-def]
         async with httpx.AsyncClient(base_url=api_url.rstrip("/") + "/", headers=api_headers or {},
                                      timeout=httpx.Timeout(10.0, connect=3.0)) as client:
             state["handover"] = Handover(client, config.incident_deployment)
+            state["health"] = RunbookHealth(client)
+            metrics.registry.register(state["health"])
             yield
 
     app = FastAPI(title="runbooks alert receiver", lifespan=lifespan, docs_url=None, redoc_url=None,
@@ -283,6 +287,10 @@ def create_app(config: AlertsConfig, api_url: str, api_headers: dict[str, str] |
 
     @app.get("/metrics")
     async def prometheus_metrics() -> PlainTextResponse:
+        try:  # the runbooks' own health, read from Prefect at most once a minute
+            await asyncio.wait_for(state["health"].refresh(), HEALTH_READ_SECONDS)
+        except asyncio.TimeoutError:
+            state["health"].read_ok = 0
         return PlainTextResponse(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
     @app.post(ENDPOINT)
@@ -331,7 +339,7 @@ def create_app(config: AlertsConfig, api_url: str, api_headers: dict[str, str] |
                 updated += result == "incident_updated"
                 continue
             run_id, new = result
-            (metrics.runs.labels(routed.deployment) if new else metrics.deduplicated).inc()
+            (metrics.runs.labels(routed.deployment or "none") if new else metrics.deduplicated).inc()
             runs.append({"fingerprint": routed.alert.fingerprint, "route": routed.route,
                          "deployment": routed.deployment, "flow_run_id": run_id, "new": new})
         metrics.handover.observe(time.monotonic() - t0)

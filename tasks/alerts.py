@@ -90,7 +90,9 @@ class Route(BaseModel):
 
     name: str = Field(min_length=1, description="shown in logs, metrics and the run's name")
     matchers: list[str] = Field(min_length=1, description='e.g. ["alertname = \\"ServiceDown\\""]')
-    deployment: str = Field(pattern=r"^[^/\s]+/[^/\s]+$", description="flow-name/deployment-name")
+    deployment: str | None = Field(None, pattern=r"^[^/\s]+/[^/\s]+$",
+                                   description="the runbook, as flow-name/deployment-name; none: the incident "
+                                               "is declared and people act")
     parameters: dict[str, Any] = Field(default_factory=dict,
                                        description='rendered from the alert, e.g. {service = "{{ labels.job }}"}')
     require_approval: bool = Field(False, description="the run waits for a person even though an alert started "
@@ -167,7 +169,7 @@ class Routed(BaseModel):
     """An alert matched to its runbook: what the receiver hands over."""
 
     route: str
-    deployment: str
+    deployment: str | None
     parameters: dict[str, Any]
     severity: Severity
     idempotency_key: str
@@ -179,12 +181,15 @@ class Routed(BaseModel):
                 "runbook_parameters": self.parameters, "severity": self.severity.value, "route": self.route}
 
 
-def idempotency_key(deployment: str, alert: Alert) -> str:
+NO_RUNBOOK = "incident"  # stands for the runbook in the key of a route without one
+
+
+def idempotency_key(deployment: str | None, alert: Alert) -> str:
     """One incident per alert and runbook. Prefect's unique index is (flow, key), not per
     deployment, so the runbook's deployment is part of it; Alertmanager's re-deliveries,
     repeat notifications and resolution keep fingerprint and startsAt, so they map to
     the same run."""
-    return f"{deployment}:{alert.fingerprint}:{alert.startsAt.isoformat()}"
+    return f"{deployment or NO_RUNBOOK}:{alert.fingerprint}:{alert.startsAt.isoformat()}"
 
 
 def route(config: AlertsConfig, alert: Alert) -> Routed | None:

@@ -29,10 +29,12 @@ def test_schedules_limits_and_tags_are_the_agreed_ones():
     deployments = _deployments()
     recoveries = {"database-recovery-orders", "data-loss-orders", "database-corruption-orders"}
     assert set(deployments) == {"backup-orders", "restore-test-orders", "backup-retention", "health-check",
-                                "service-restart-api"} | recoveries
+                                "service-restart-api", "incident-response"} | recoveries
     for name in recoveries:  # a second recovery is refused by the flow itself, naming the first
         d = deployments.pop(name)
         assert d.concurrency_limit is None and not d.schedules and {"runbook", "dr-scenario"} <= set(d.tags)
+    incident = deployments.pop("incident-response")  # every alert is an incident: never one at a time
+    assert incident.concurrency_limit is None and not incident.schedules and {"runbook", "incident"} <= set(incident.tags)
     crons = {name: [s.schedule.cron for s in d.schedules] for name, d in deployments.items()}
     assert crons == {"backup-orders": ["0 0,6,12,18 * * *"], "restore-test-orders": ["0 3 * * 0"],
                      "backup-retention": ["30 4 * * *"], "health-check": ["* * * * *"],
@@ -53,7 +55,7 @@ def test_forms_describe_every_parameter_and_offer_the_configured_targets():
         for name, prop in _props(d).items():
             assert prop.get("description"), f"{d.name}: parameter {name} has no description"
             assert "anyOf" not in prop, f"{d.name}: {name} renders as a type switch"
-            assert "type" in prop, f"{d.name}: {name}"
+            assert "type" in prop or "$ref" in prop, f"{d.name}: {name}"  # a $ref: a nested form or a dropdown
     props = _props(_deployments()["restore-test-orders"])
     assert props["database"]["enum"] == ["billing", "orders"]
     assert props["backup_id"]["type"] == "string" and "default" not in props["backup_id"]

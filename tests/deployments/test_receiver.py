@@ -339,3 +339,32 @@ def test_slack_clicks_are_refused_without_a_signing_secret_and_malformed_ones_ar
             answer = httpx.post(url + SLACK_ENDPOINT, content=raw, headers={
                 "X-Slack-Request-Timestamp": stamp, "X-Slack-Signature": sig})
             assert answer.status_code == 422 and answer.json()["error"] == "not an incident button click"
+
+
+def test_metrics_export_the_runbooks_own_health_from_prefects_record(deployment):
+    """Per runbook and target: when it last completed, and whether its newest run failed."""
+    from prefect.client.orchestration import get_client
+    from prefect.states import Completed, Failed, Running
+
+    flow = f"rb-health-{uuid.uuid4().hex[:6]}"
+    with get_client(sync_client=True) as client:
+        flow_id = client.create_flow_from_name(flow)
+        ended = {}
+        for target, final in (("orders", Completed), ("users", Failed), ("orders", Failed), ("users", Completed)):
+            created = client.request("POST", "/flow_runs/", json={"flow_id": str(flow_id),
+                                                                   "parameters": {"database": target}}).json()
+            client.set_flow_run_state(created["id"], Running(), force=True)
+            client.set_flow_run_state(created["id"], final(), force=True)
+            ended[target, final.__name__] = client.read_flow_run(created["id"]).end_time
+            time.sleep(0.05)
+    with receiver(alerts_config(deployment)) as url:
+        text = httpx.get(url + "/metrics").text
+    lines = {line.rsplit(" ", 1)[0]: float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
+             if flow in line and not line.startswith("#")}
+    key = 'runbooks_last_success_timestamp_seconds{{flow="{}",target="{}"}}'
+    assert lines[key.format(flow, "orders")] == pytest.approx(ended["orders", "Completed"].timestamp())
+    assert lines[key.format(flow, "users")] == pytest.approx(ended["users", "Completed"].timestamp())
+    assert lines[f'runbooks_last_run_failed{{flow="{flow}",target="orders"}}'] == 1.0  # its newest failed
+    assert lines[f'runbooks_last_run_failed{{flow="{flow}",target="users"}}'] == 0.0  # failed, then passed
+    assert "runbooks_health_read_ok 1.0" in text
+    assert 'flow="health-check"' not in text

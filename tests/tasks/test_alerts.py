@@ -87,6 +87,15 @@ def test_the_run_key_names_deployment_fingerprint_and_start():
     assert idempotency_key("f/d", later) != idempotency_key("f/d", a)  # fired again: a new run
 
 
+def test_a_route_without_a_runbook_declares_the_incident_alone():
+    config = AlertsConfig(bearer_token="t", routes=[{"name": "backups", "matchers": ['alertname = "BackupTooOld"']}])
+    routed = route(config, alert(alertname="BackupTooOld", severity="high"))
+    assert routed is not None and routed.deployment is None
+    assert routed.idempotency_key == "incident:a1b2c3:2026-12-01T10:00:00.123456+00:00"
+    params = routed.incident_parameters()
+    assert params["runbook"] is None and params["severity"] == "HIGH" and params["alert"]["fingerprint"] == "a1b2c3"
+
+
 def test_config_needs_credentials_and_unique_route_names():
     with pytest.raises(ValidationError, match="bearer_token"):
         AlertsConfig(routes=[])
