@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from prefect import flow, get_run_logger
-from pydantic import BaseModel
+from pydantic import BaseModel, ValidationError
 
 from flows._common import run_url
 from tasks import incidents, notify
@@ -49,9 +49,9 @@ class IncidentResult(BaseModel):
 
 
 @flow(name="incident-response", log_prints=True)
-def incident_response(alert: Alert | None = None, runbook: str | None = None,
-                      runbook_parameters: dict[str, Any] | None = None, severity: Severity | None = None,
-                      title: str | None = None, service: str | None = None, route: str | None = None,
+def incident_response(title: str | None = None, severity: Severity | None = None, service: str | None = None,
+                      runbook: str | None = None, runbook_parameters: dict[str, Any] | None = None,
+                      alert: dict[str, Any] | None = None, route: str | None = None,
                       dry_run: bool = False) -> IncidentResult:
     """Run an incident from its declaration to its post-incident report.
 
@@ -73,15 +73,16 @@ def incident_response(alert: Alert | None = None, runbook: str | None = None,
     Without Slack configured, everything goes to the run log and the artifacts.
 
     Args:
-        alert: The Alertmanager alert that started it (the receiver fills this in).
+        title: What is wrong, in a line; empty: from the alert.
+        severity: CRITICAL, HIGH, MEDIUM or LOW; empty: from the alert's severity label.
+        service: The service affected; empty: the runbook's `service` or the alert's job.
         runbook: The runbook to run, as its deployment `flow-name/deployment-name`.
         runbook_parameters: Parameters for the runbook, over its deployment's own.
-        severity: CRITICAL, HIGH, MEDIUM or LOW; empty: from the alert's severity label.
-        title: What is wrong, in a line; empty: from the alert.
-        service: The service affected; empty: the runbook's `service` or the alert's job.
+        alert: The Alertmanager alert that started it (the receiver fills this in).
         route: The alert route that matched (shown in the report).
         dry_run: Say what would be declared and run; declare and change nothing.
     """
+    alert = _alert(alert)
     settings = load_settings()
     params = dict(runbook_parameters or {})
     severity = severity or (severity_of(alert.labels) if alert else Severity.MEDIUM)
@@ -159,6 +160,17 @@ def incident_response(alert: Alert | None = None, runbook: str | None = None,
                               seconds_to_resolve=seconds)
 
 
+def _alert(value: dict[str, Any] | None) -> Alert | None:
+    """The alert parameter as Alertmanager's alert, or an error naming the bad field."""
+    if not value:
+        return None
+    try:
+        return Alert.model_validate(value)
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        raise ConfigError(f"alert.{'.'.join(str(p) for p in first['loc'])}: {first['msg']}") from None
+
+
 def _title(alert: Alert) -> str:
     name = alert.labels.get("alertname", "alert")
     summary = alert.annotations.get("summary") or alert.annotations.get("description") or ""
@@ -231,7 +243,7 @@ def _declare(settings: Settings, title: str, severity: Severity, service: str | 
         channel = f"#{name}" if channel_id else f"{slack.slack_channel} (#{name} could not be created)"
     record.channel = channel
     facts = Facts(id=record.id, title=title, severity=severity, service=service,
-                  detected_at=alert.startsAt if alert else now, declared_at=now, channel=channel,
+                  detected_at=alert.startsAt if alert else min(created or now, now), declared_at=now, channel=channel,
                   assigned=[f"<@{p}>" for p in cfg.on_call], dashboard_url=cfg.dashboard(service),
                   alert_name=alert.labels.get("alertname") if alert else None,
                   alert_summary=(alert.annotations.get("summary") or alert.annotations.get("description"))
@@ -243,8 +255,10 @@ def _declare(settings: Settings, title: str, severity: Severity, service: str | 
     if alert:
         incident.event("alert", f"{facts.alert_name or 'alert'} firing (Prometheus)"
                        + (f", route {route}" if route else ""), at=alert.startsAt)
-    if created:
+    if created and alert:
         incident.event("receiver", "alert handed over to Prefect (incident run created)", at=created)
+    elif created:
+        incident.event("person", "incident run created by hand", at=created)
     incident.event("incident", f"{record.id} declared ({severity.value})", at=now)
     if channel_id:
         incident.event("slack", f"channel {channel} created, on call invited: {', '.join(cfg.on_call) or 'nobody'}")

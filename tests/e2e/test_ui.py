@@ -134,6 +134,46 @@ def test_a_recovery_is_approved_in_its_resume_form(served, page):
     page.screenshot(path=str(SHOTS / "6-recovery-report.png"), full_page=True)
 
 
+def test_an_incident_declared_from_its_form_is_acknowledged_and_resolved_from_a_terminal(served, page):
+    """A person declares an incident no alert caught in the UI's form (title, severity),
+    acknowledges and resolves it with `runbooks incident`, and reads its report."""
+    title = "Checkout fails for EU customers (declared in the UI)"
+    _custom_run_form(page, served, "incident-response")
+    page.get_by_text("What is wrong, in a line").wait_for()
+    page.locator("textarea").first.fill(title)
+    _choose(page, 0, "HIGH")  # severity
+    page.screenshot(path=str(SHOTS / "7-incident-form.png"), full_page=True)
+    page.get_by_role("button", name="Submit").click()
+    page.wait_for_url(lambda url: not url.split("?")[0].endswith("/run"), timeout=30_000)
+
+    listed = wait_for(lambda: (r := run([str(BIN / "runbooks"), "incident", "list"], served["env"])).returncode == 0
+                      and title[:20] in r.stdout and r, 90, "the incident to be declared")
+    line = next(x for x in listed.stdout.splitlines() if title[:20] in x)
+    incident_id = next(w for w in line.replace("│", " ").split() if w.startswith("INC-"))
+    assert " HIGH " in line and " open " in line
+    for args in (["ack", incident_id, "--by", "ann"], ["resolve", incident_id, "--by", "ann", "--note", "rolled back"]):
+        done = run([str(BIN / "runbooks"), "incident", *args], served["env"])
+        assert done.returncode == 0, done.stdout + done.stderr
+    with served_client(served) as client:
+        (incident,) = [r for r in _runs(client, "incident-response") if r["parameters"].get("title") == title]
+        final = wait_final(client, incident["id"], timeout=120)
+    assert final["state_type"] == "COMPLETED", final["state"]
+    page.goto(f"{served['ui']}/runs/flow-run/{final['id']}")
+    page.get_by_text("Artifacts", exact=True).click()
+    page.get_by_text(f"Post-incident report of {incident_id}").click()
+    page.get_by_text(f"Incident Report: {incident_id}").wait_for()
+    page.get_by_text("resolved by ann: rolled back").first.wait_for()
+    assert page.get_by_text("acknowledged by ann via cli").count() >= 1  # in the timeline
+    page.screenshot(path=str(SHOTS / "8-incident-report.png"), full_page=True)
+
+
+def _choose(page, index: int, option: str) -> None:
+    """Pick `option` in the form's index-th dropdown (it opens from the keyboard)."""
+    page.locator(".p-select-button__control").nth(index).focus()
+    page.keyboard.press("ArrowDown")
+    page.locator(".p-select-option", has_text=option).first.click()
+
+
 def served_client(served):
     import httpx
 

@@ -86,11 +86,13 @@ def service(sample_db, tmp_path):
         ctl.stop()
 
 
-def _alert(fingerprint: str, started: datetime | None = None, **labels: str) -> Alert:
+def _alert(fingerprint: str, started: datetime | None = None, **labels: str) -> dict[str, Any]:
+    """An alert as the receiver passes it (Alertmanager's fields, JSON)."""
     return Alert(status="firing", labels={"alertname": "ServiceDown", "job": "api", "severity": "critical", **labels},
                  annotations={"summary": f"api is down ({fingerprint})"},
                  startsAt=started or datetime.now(timezone.utc) - timedelta(seconds=30),
-                 generatorURL="http://prometheus.invalid/graph?g0.expr=up+%3D%3D+0", fingerprint=fingerprint)
+                 generatorURL="http://prometheus.invalid/graph?g0.expr=up+%3D%3D+0",
+                 fingerprint=fingerprint).model_dump(mode="json")
 
 
 class Background:
@@ -340,7 +342,9 @@ def test_dry_run_declares_nothing(sample_db, tmp_path, write_config, slack, capl
         _record(token, timeout=1)
 
 
-def test_an_incident_needs_an_alert_or_a_title(sample_db, tmp_path, write_config):
+def test_an_incident_needs_an_alert_or_a_title_and_a_malformed_alert_is_refused(sample_db, tmp_path, write_config):
     write_config(_config(tmp_path, sample_db, free_port(), slack_url=None))
     state = incident_response(return_state=True)
     assert state.is_failed() and "needs an alert or a title" in state.message
+    state = incident_response(alert={"labels": {"alertname": "X"}, "status": "firing"}, return_state=True)
+    assert state.is_failed() and "alert.startsAt: Field required" in state.message
