@@ -196,9 +196,10 @@ def main() -> int:
         for part, seconds in d["parts"].items():
             print(f"  {part:<48} {seconds:6.2f}")
         print(f"  {'total: hang to healthy':<48} {d['hang_to_healthy']:6.2f}")
-        waits, beyond = d["configured_waits"], d["alert_to_runbook_running_beyond_waits"]
-        print(f"alert to runbook running beyond the configured waits ({waits:g} s of scrape timeout, for: "
-              f"and group_wait): {beyond:.2f} s; target < 5 s: {'PASS' if beyond < 5 else 'FAIL'}")
+        beyond = d["alert_to_runbook_running_beyond_waits"]
+        print(f"alert to runbook running beyond the configured waits (Prometheus' scrape, evaluation and for:, "
+              f"Alertmanager's group_wait), i.e. hand-over + run start + declaration: {beyond:.2f} s; "
+              f"target < 5 s: {'PASS' if beyond < 5 else 'FAIL'}")
     return 0
 
 
@@ -318,10 +319,14 @@ poll_seconds = 0.5
         "started -> runbook running (declare, evidence)": runbook - started,
         "runbook running -> service healthy (restart)": healthy - runbook,
     }
-    waits = SCRAPE_SECONDS + FOR_SECONDS + GROUP_WAIT_SECONDS
+    # Ours, beyond what Prometheus and Alertmanager are configured to wait: the hand-over
+    # (Alertmanager posts when group_wait ends), the run's start and the declaration.
+    ours = max(0.0, created - fired - GROUP_WAIT_SECONDS) + (started - created) + (runbook - started)
     return {"parts": {k: round(v, 2) for k, v in parts.items()}, "hang_to_healthy": round(healthy - hang, 2),
-            "hang_to_runbook_running": round(runbook - hang, 2), "configured_waits": waits,
-            "alert_to_runbook_running_beyond_waits": round(runbook - hang - waits, 2)}
+            "hang_to_runbook_running": round(runbook - hang, 2),
+            "configured": {"scrape_interval_s": SCRAPE_SECONDS, "scrape_timeout_s": SCRAPE_SECONDS,
+                           "evaluation_interval_s": 1, "for_s": FOR_SECONDS, "group_wait_s": GROUP_WAIT_SECONDS},
+            "alert_to_runbook_running_beyond_waits": round(ours, 2)}
 
 
 def _get(url: str) -> bool:
