@@ -44,8 +44,9 @@ sys.path.insert(0, str(REPO))
 
 import httpx  # noqa: E402
 
-from tests.e2e.conftest import BIN, alerts_section, base_env, spawn, start_server, wait_for  # noqa: E402
 from tests.conftest import free_port  # noqa: E402
+from tests.e2e.conftest import BIN, alerts_section, base_env, spawn, start_server, wait_for  # noqa: E402
+from tests.http_load import storm  # noqa: E402
 
 TOKEN = "bench-token"
 RESULTS = REPO / "benchmarks" / "results" / "alerts.json"
@@ -62,57 +63,6 @@ def payload(fingerprint: str) -> dict:
 def pct(values: list[float], p: float) -> float:
     ordered = sorted(values)
     return ordered[min(len(ordered) - 1, int(round(p / 100 * (len(ordered) - 1))))]
-
-
-async def _request(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, method: str, path: str,
-                   body: bytes = b"") -> int:
-    """One HTTP/1.1 request on a kept-alive connection (a client this thin measures the
-    receiver, not itself: httpx's own overhead capped an earlier version at 160/s)."""
-    writer.write(f"{method} {path} HTTP/1.1\r\nHost: bench\r\nAuthorization: Bearer {TOKEN}\r\n"
-                 f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n".encode() + body)
-    await writer.drain()
-    head = await reader.readuntil(b"\r\n\r\n")
-    lines = head.decode().split("\r\n")
-    length = next(int(x.split(":", 1)[1]) for x in lines if x.lower().startswith("content-length"))
-    await reader.readexactly(length)
-    return int(lines[0].split()[1])
-
-
-async def storm(port: int, n: int, alerts: int, connections: int = 100) -> tuple[list[float], list[float], list[int], float]:
-    """`n` posts at an even rate of n per second over `connections` connections, for
-    `alerts` fingerprints, while /healthz is probed every 10 ms on a connection of its own."""
-    base = uuid.uuid4().hex[:12]
-    bodies = [json.dumps(payload(f"{base}{i}")).encode() for i in range(alerts)]
-    latencies: list[float] = []
-    health: list[float] = []
-    statuses: list[int] = []
-    done = asyncio.Event()
-    start = time.perf_counter() + 0.2
-
-    async def probe() -> None:
-        reader, writer = await asyncio.open_connection("127.0.0.1", port)
-        while not done.is_set():
-            t0 = time.perf_counter()
-            await _request(reader, writer, "GET", "/healthz")
-            health.append(time.perf_counter() - t0)
-            await asyncio.sleep(0.01)
-        writer.close()
-
-    async def sender(c: int) -> None:
-        reader, writer = await asyncio.open_connection("127.0.0.1", port)
-        for i in range(c, n, connections):
-            await asyncio.sleep(max(0.0, start + i / n - time.perf_counter()))  # open loop: n per second
-            t0 = time.perf_counter()
-            statuses.append(await _request(reader, writer, "POST", "/alerts", bodies[i % alerts]))
-            latencies.append(time.perf_counter() - t0)
-        writer.close()
-
-    prober = asyncio.create_task(probe())
-    await asyncio.gather(*(sender(c) for c in range(connections)))
-    elapsed = time.perf_counter() - start
-    done.set()
-    await prober
-    return latencies, health, statuses, elapsed
 
 
 def main() -> int:
@@ -153,7 +103,9 @@ def main() -> int:
                 r = client.post(url + "/alerts", json=payload(uuid.uuid4().hex[:16]))
                 single.append(time.perf_counter() - t0)
                 assert r.status_code == 200 and r.json()["runs"][0]["new"], r.text
-        latencies, health, statuses, elapsed = asyncio.run(storm(port, args.storm, args.alerts))
+        base = uuid.uuid4().hex[:12]
+        bodies = [json.dumps(payload(f"{base}{i}")).encode() for i in range(args.alerts)]
+        latencies, health, statuses, elapsed = asyncio.run(storm(port, "/alerts", bodies, args.storm, TOKEN))
         with server.api() as api:
             deployment = api.get(f"/deployments/name/alert-bench/{name}").json()["id"]
             created = api.post("/flow_runs/count", json={"deployments": {"id": {"any_": [deployment]}}}).json()

@@ -325,6 +325,9 @@ def incident_ack(incident_id: str, by: str = typer.Option(..., "--by", help="you
     with _prefect() as client:
         record, new = incidents.tell(client, incident_id, incidents.ACK, {"by": by.strip()[:80], "via": "cli"},
                                      sender="cli")
+        if new and _ended(client, record):  # no run reads it any more: the record takes it
+            record.status, record.acknowledged_by = "acknowledged", by.strip()[:80]
+            incidents.save(client, record)
     out.print(f"{record.id} acknowledged by {escape(by)}" if new else
               f"{record.id} was acknowledged already" + (f" by {escape(record.acknowledged_by)}"
                                                          if record.acknowledged_by else ""))
@@ -334,7 +337,8 @@ def incident_ack(incident_id: str, by: str = typer.Option(..., "--by", help="you
 def incident_resolve(incident_id: str, by: str = typer.Option(..., "--by", help="your name"),
                      note: str = typer.Option("", "--note", help="how it was resolved")) -> None:
     """Resolve INCIDENT_ID by hand (e.g. fixed without its alert clearing): the run posts
-    the resolution and writes the post-incident report."""
+    the resolution and writes the post-incident report. An incident whose run has ended
+    (left open after its wait) is marked resolved in its record."""
     from tasks import incidents
 
     with _prefect() as client:
@@ -343,8 +347,22 @@ def incident_resolve(incident_id: str, by: str = typer.Option(..., "--by", help=
             raise RunbookError(f"{record.id} is resolved already")
         record, new = incidents.tell(client, incident_id, incidents.RESOLVE,
                                      {"by": by.strip()[:80], "note": note.strip()[:500]}, sender="cli")
-    out.print(f"{record.id}: resolution sent; its run posts it and writes the report" if new else
-              f"{record.id}: a resolution was sent already")
+        ended = _ended(client, record)
+        if ended:
+            record.status, record.resolved_at = "resolved", datetime.now(timezone.utc)
+            incidents.save(client, record)
+    if ended:
+        out.print(f"{record.id}: marked resolved; its run had ended ({ended}), so no resolution is posted "
+                  "and its report stays as it was")
+    else:
+        out.print(f"{record.id}: resolution sent; its run posts it and writes the report" if new else
+                  f"{record.id}: a resolution was sent already")
+
+
+def _ended(client: Any, record: Any) -> str | None:
+    """The final state of the incident's run, or None while it runs (or waits to start)."""
+    state = client.read_flow_run(record.flow_run_id).state
+    return state.name if state is not None and state.is_final() else None
 
 
 @app.command("run")

@@ -119,18 +119,20 @@ class Controller(ABC):
             time.sleep(0.5)
 
 
-def _start_time(pid: int) -> str | None:
-    """The kernel's start time of `pid` (tells a reused pid from ours), None if gone."""
+def _start_time(pid: int, reap: bool = True) -> str | None:
+    """The kernel's start time of `pid` (tells a reused pid from ours), None if gone.
+    A zombie is reaped unless `reap` is off (a Popen that will wait for its exit code)."""
     try:
         stat = Path(f"/proc/{pid}/stat").read_text()
     except OSError:
         return None
     fields = stat[stat.rindex(")") + 2:].split()
     if fields[0] == "Z":  # exited, not yet reaped
-        try:
-            os.waitpid(pid, os.WNOHANG)
-        except ChildProcessError:
-            pass
+        if reap:
+            try:
+                os.waitpid(pid, os.WNOHANG)
+            except ChildProcessError:
+                pass
         return None
     return fields[19]
 
@@ -185,8 +187,8 @@ class ProcessController(_OneInstance):
                                         env={**os.environ, **cfg.env}, start_new_session=True)
         except OSError as exc:
             raise ServiceError(f"service '{self.name}': cannot start {cfg.command[0]}: {exc.strerror}") from None
-        started = _start_time(proc.pid)
-        if started is None:  # died at once
+        started = _start_time(proc.pid, reap=False)
+        if started is None:  # died at once: Popen reaps it and keeps its exit code
             proc.wait()
             raise ServiceError(f"service '{self.name}' exited at once (code {proc.returncode}): "
                                f"{' | '.join(self.logs(3)) or 'no output'}")

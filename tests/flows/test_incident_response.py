@@ -316,6 +316,17 @@ def test_an_alert_that_never_resolves_leaves_the_incident_open(sample_db, tmp_pa
     assert "Open: not resolved in time" in texts[-1] and not any("INCIDENT RESOLVED" in t for t in texts)
     assert "Still open." in _artifact(f"incident-report-{record.id.lower()}")
 
+    # Its run has ended: a person resolving it later updates the record itself.
+    from typer.testing import CliRunner
+
+    from deployments.cli import app
+
+    done = CliRunner().invoke(app, ["incident", "resolve", record.id, "--by", "gina"])
+    assert done.exit_code == 0 and "marked resolved; its run had ended (Failed)" in done.output, done.output
+    assert _record(fp).status == "resolved"
+    again = CliRunner().invoke(app, ["incident", "resolve", record.id, "--by", "gina"])
+    assert again.exit_code != 0 and "resolved already" in str(again.exception)
+
 
 def test_a_channel_slack_refuses_falls_back_to_the_default_channel(sample_db, tmp_path, write_config, slack):
     write_config(_config(tmp_path, sample_db, free_port(), slack.url))
