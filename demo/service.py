@@ -59,16 +59,17 @@ class Fault(BaseModel):
 
 
 def runbooks_section(dsn: str, port: int, state_dir: Path, redis_url: str = "none",
-                     command: list[str] | None = None, **settings: Any) -> str:
+                     command: list[str] | None = None, grace_seconds: float = 5, **settings: Any) -> str:
     """The `[services.api]` section of runbooks.toml that runs this service on `port`
     under the process controller (pid and log file in `state_dir`), writing to the
     `orders` database: how the demo, the tests and the benchmarks configure it.
-    `command` replaces the service's argv; `settings` are more keys of the section."""
+    `command` replaces the service's argv; `grace_seconds` is how long a stop waits before
+    SIGKILL; `settings` are more keys of the section."""
     argv = command or [sys.executable, "-m", "demo.service", "--dsn", dsn, "--port", str(port),
                        "--redis", redis_url]
     keys = {"base_url": f"http://127.0.0.1:{port}", "database": "orders", **settings}
     controller = {"kind": "process", "command": argv, "pid_file": str(state_dir / "api.pid"),
-                  "log_file": str(state_dir / "api.log"), "grace_seconds": 5}
+                  "log_file": str(state_dir / "api.log"), "grace_seconds": grace_seconds}
     inline = ", ".join(f"{k} = {json.dumps(v)}" for k, v in controller.items())  # JSON values are TOML
     return "\n".join(["", "[services.api]", *(f"{k} = {json.dumps(v)}" for k, v in keys.items()),
                       f"controller = {{ {inline} }}", ""])

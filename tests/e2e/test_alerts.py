@@ -74,7 +74,7 @@ def drill(e2e_database: str, tmp_path_factory: pytest.TempPathFactory) -> Iterat
     with running_standin() as slack:
         config = write_config(root / "runbooks.toml", e2e_database, root / "backups")
         config.write_text(config.read_text() + f"""
-{runbooks_section(e2e_database, api_port, root, ready_deadline_seconds=30, watch_seconds=1)}
+{runbooks_section(e2e_database, api_port, root, grace_seconds=1, ready_deadline_seconds=30, watch_seconds=1)}
 [prometheus]
 url = "http://127.0.0.1:{prom_port}"
 

@@ -53,7 +53,7 @@ base_url = "http://127.0.0.1:{port}"
 database = "orders"
 ready_deadline_seconds = 20
 watch_seconds = 1
-controller = {{ kind = "process", command = [{argv}], pid_file = "{tmp_path / 'api.pid'}", log_file = "{tmp_path / 'api.log'}", grace_seconds = 5 }}
+controller = {{ kind = "process", command = [{argv}], pid_file = "{tmp_path / 'api.pid'}", log_file = "{tmp_path / 'api.log'}", grace_seconds = 1 }}
 {slack}
 [incidents]
 on_call = ["UONCALL"]
@@ -246,14 +246,14 @@ to = ["manager", "pagerduty"]
 def test_acknowledged_in_time_nobody_is_paged(sample_db, tmp_path, write_config, slack, pagerduty):
     write_config(_config(tmp_path, sample_db, free_port(), slack.url, pagerduty.url, escalation="""
 [[incidents.escalation.HIGH]]
-after_seconds = 2
+after_seconds = 1
 to = ["backup", "pagerduty"]
 """))
     token = uuid.uuid4().hex[:8]
     run = Background(title=f"slow checkout {token}", severity=Severity.HIGH)
     record = _record(token)
     assert _tell(record.id, incidents.ACK, by="dave", via="api")
-    time.sleep(3)  # past the escalation step: it must not fire once acknowledged
+    time.sleep(1.5)  # past the escalation step: it must not fire once acknowledged
     assert _tell(record.id, incidents.RESOLVE, by="dave")
     state = run.join()
     assert state.is_completed() and state.result().escalated_to == []
