@@ -168,7 +168,7 @@ def drill() -> dict:
     from demo.sample_data import build
     from demo.service import runbooks_section
     from tests.e2e.conftest import write_config
-    from tests.e2e.test_alerts import _alertmanager_overlay, _rules_overlay
+    from tests.e2e.test_alerts import _alertmanager_overlay, _ready, _rules_overlay
     from tests.slack_standin import running_standin
 
     admin = os.environ.get("RUNBOOKS_TEST_PG", "postgresql://postgres@127.0.0.1:5432/postgres")
@@ -219,11 +219,11 @@ poll_seconds = 0.5
                                 f"--web.listen-address=127.0.0.1:{prom_port}", "--log.level=warn"], env,
                                root / "prom.log", cwd=root))
             wait_for(lambda: "Serving " in procs[0].output(), 120, "runbooks serve")
-            wait_for(lambda: _get(f"http://127.0.0.1:{receiver_port}/healthz"), 30, "the receiver")
-            wait_for(lambda: _get(f"http://127.0.0.1:{prom_port}/api/v1/query?query=up") and
+            wait_for(lambda: _ready(f"http://127.0.0.1:{receiver_port}/healthz"), 30, "the receiver")
+            wait_for(lambda: _ready(f"http://127.0.0.1:{prom_port}/api/v1/query?query=up") and
                      '"1"]' in httpx.get(f"http://127.0.0.1:{prom_port}/api/v1/query?query=up").text, 60,
                      "Prometheus scraping the service")
-            wait_for(lambda: _get(f"{api}/deployments/name/incident-response/incident-response"), 60, "deployments")
+            wait_for(lambda: _ready(f"{api}/deployments/name/incident-response/incident-response"), 60, "deployments")
 
             hang = time.time()
             httpx.post(f"{service}/admin/fault", json={"mode": "hang"}, timeout=5)
@@ -279,13 +279,6 @@ poll_seconds = 0.5
             "configured": {"scrape_interval_s": SCRAPE_SECONDS, "scrape_timeout_s": SCRAPE_SECONDS,
                            "evaluation_interval_s": 1, "for_s": FOR_SECONDS, "group_wait_s": GROUP_WAIT_SECONDS},
             "alert_to_runbook_running_beyond_waits": round(ours, 2)}
-
-
-def _get(url: str) -> bool:
-    try:
-        return httpx.get(url, timeout=1).status_code == 200
-    except httpx.HTTPError:
-        return False
 
 
 def _ts(text: str) -> float:

@@ -4,12 +4,13 @@ and answers 202 as PagerDuty does (or `status` on demand)."""
 from __future__ import annotations
 
 import json
-import threading
 from collections.abc import Iterator
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
 from typing import Any
 
 import pytest
+
+from tests.slack_standin import serving
 
 
 class PagerDutyStandIn:
@@ -42,12 +43,6 @@ class _Handler(BaseHTTPRequestHandler):
 @pytest.fixture
 def pagerduty() -> Iterator[PagerDutyStandIn]:
     stand_in = PagerDutyStandIn()
-    server = ThreadingHTTPServer(("127.0.0.1", 0), _Handler)
-    server.daemon_threads = True
-    server.stand_in = stand_in  # type: ignore[attr-defined]
-    stand_in.url = f"http://127.0.0.1:{server.server_address[1]}/v2/enqueue"
-    thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
-    thread.start()
-    yield stand_in
-    server.shutdown()
-    server.server_close()
+    with serving(_Handler, stand_in) as port:
+        stand_in.url = f"http://127.0.0.1:{port}/v2/enqueue"
+        yield stand_in

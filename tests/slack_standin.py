@@ -116,23 +116,32 @@ def _no_proxy(monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 @contextmanager
-def running_standin() -> Iterator[SlackStandIn]:
-    """The stand-in on a free loopback port, for as long as the block runs."""
-    stand_in = SlackStandIn()
-    server = ThreadingHTTPServer(("127.0.0.1", 0), _Handler)
+def serving(handler: type[BaseHTTPRequestHandler], stand_in: Any) -> Iterator[int]:
+    """`handler` on a free loopback port (`server.stand_in` is `stand_in`) for the block;
+    yields the port."""
+    server = ThreadingHTTPServer(("127.0.0.1", 0), handler)
     server.daemon_threads = True
     server.stand_in = stand_in  # type: ignore[attr-defined]
-    stand_in.url = f"http://127.0.0.1:{server.server_address[1]}/api/"
-    thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05},
-                              daemon=True)
+    thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
     thread.start()
     try:
-        yield stand_in
+        yield server.server_address[1]
     finally:
-        stand_in.release.set()
+        release = getattr(stand_in, "release", None)
+        if release is not None:
+            release.set()
         server.shutdown()
         server.server_close()
         thread.join(timeout=5)
+
+
+@contextmanager
+def running_standin() -> Iterator[SlackStandIn]:
+    """The Slack stand-in on a free loopback port, for as long as the block runs."""
+    stand_in = SlackStandIn()
+    with serving(_Handler, stand_in) as port:
+        stand_in.url = f"http://127.0.0.1:{port}/api/"
+        yield stand_in
 
 
 @pytest.fixture

@@ -5,7 +5,6 @@ server and run as a subflow."""
 
 from __future__ import annotations
 
-import sys
 import threading
 import time
 import uuid
@@ -15,7 +14,8 @@ from typing import Any
 import httpx
 import pytest
 
-from flows.incident_response import IncidentOpen, incident_response
+from demo.service import runbooks_section
+from flows.incident_response import incident_response
 from tasks import incidents
 from tasks.alerts import Alert
 from tasks.config import load_settings
@@ -37,23 +37,17 @@ def restart_deployment() -> str:
 
 def _config(tmp_path, dsn: str, port: int, slack_url: str | None, pagerduty_url: str | None = None,
             escalation: str = "", extra: str = "") -> str:
-    argv = ", ".join(f'"{a}"' for a in [sys.executable, "-m", "demo.service", "--dsn", dsn, "--port", str(port),
-                                        "--redis", "none"])
     slack = f'[notify]\nslack_token = "xoxb-test-token"\nslack_api_url = "{slack_url}"\n' \
             'slack_signing_secret = "s1gning"\n' if slack_url else ""
     pd = f'[incidents.pagerduty]\nrouting_key = "R0UTINGKEY0123"\nurl = "{pagerduty_url}"\n' if pagerduty_url else ""
+    service = runbooks_section(dsn, port, tmp_path, grace_seconds=1, ready_deadline_seconds=20, watch_seconds=1)
     return f"""
 [databases.orders]
 dsn = "{dsn}"
 [stores.local]
 kind = "local"
 path = "{tmp_path / 'store'}"
-[services.api]
-base_url = "http://127.0.0.1:{port}"
-database = "orders"
-ready_deadline_seconds = 20
-watch_seconds = 1
-controller = {{ kind = "process", command = [{argv}], pid_file = "{tmp_path / 'api.pid'}", log_file = "{tmp_path / 'api.log'}", grace_seconds = 1 }}
+{service}
 {slack}
 [incidents]
 on_call = ["UONCALL"]
