@@ -78,9 +78,17 @@ def main() -> int:
     try:
         name = f"bench-{uuid.uuid4().hex[:6]}"
         with server.api() as api:
-            flow_id = api.post("/flows/", json={"name": "alert-bench"}).json()["id"]
-            r = api.post("/deployments/", json={"name": name, "flow_id": flow_id, "enforce_parameter_schema": False})
-            assert r.status_code in (200, 201), r.text
+            def post(path: str, body: dict) -> dict:  # a server just started may answer 503 while busy
+                for _ in range(10):
+                    r = api.post(path, json=body)
+                    if r.status_code != 503:
+                        break
+                    time.sleep(0.5)
+                assert r.status_code in (200, 201), r.text
+                return r.json()
+
+            flow_id = post("/flows/", {"name": "alert-bench"})["id"]
+            post("/deployments/", {"name": name, "flow_id": flow_id, "enforce_parameter_schema": False})
         config = root / "runbooks.toml"
         config.write_text(alerts_section(TOKEN, "down", "service-restart/service-restart-api",
                                          incident_deployment=f"alert-bench/{name}"))
