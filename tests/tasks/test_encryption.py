@@ -66,7 +66,7 @@ def test_wrong_key_file_is_named(keyfile_cfg, tmp_path):
         b"".join(encryption.decrypt(None, [sealed]))
 
 
-@pytest.mark.parametrize("content", [os.urandom(32), base64.b64encode(os.urandom(32)) + b"\n"])
+@pytest.mark.parametrize("content", [os.urandom(32), base64.b64encode(os.urandom(32)) + b"\n"], ids=["raw", "base64"])
 def test_key_file_formats(tmp_path, content):
     path = tmp_path / "k"
     path.write_bytes(content)
