@@ -323,8 +323,8 @@ def incident_ack(incident_id: str, by: str = typer.Option(..., "--by", help="you
     from tasks import incidents
 
     with _prefect() as client:
-        record, new = incidents.tell(client, incident_id, incidents.ACK, {"by": by.strip()[:80], "via": "cli"},
-                                     sender="cli")
+        record = incidents.find(client, incident_id)
+        new = incidents.tell(client, record, incidents.ACK, {"by": by.strip()[:80], "via": "cli"}, sender="cli")
         if new and _ended(client, record):  # no run reads it any more: the record takes it
             record.status, record.acknowledged_by = "acknowledged", by.strip()[:80]
             incidents.save(client, record)
@@ -345,8 +345,8 @@ def incident_resolve(incident_id: str, by: str = typer.Option(..., "--by", help=
         record = incidents.find(client, incident_id)
         if record.status == "resolved":
             raise RunbookError(f"{record.id} is resolved already")
-        record, new = incidents.tell(client, incident_id, incidents.RESOLVE,
-                                     {"by": by.strip()[:80], "note": note.strip()[:500]}, sender="cli")
+        new = incidents.tell(client, record, incidents.RESOLVE, {"by": by.strip()[:80], "note": note.strip()[:500]},
+                             sender="cli")
         ended = _ended(client, record)
         if ended:
             record.status, record.resolved_at = "resolved", datetime.now(timezone.utc)

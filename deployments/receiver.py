@@ -170,12 +170,9 @@ class Handover:
         run_id = response.json()[0]["id"]
         alert = routed.alert
         value = {"fingerprint": alert.fingerprint, "endsAt": alert.endsAt.isoformat() if alert.endsAt else None}
-        response = await self._call("POST", f"flow_runs/{run_id}/input", json={
-            "key": incidents.ALERT_RESOLVED, "value": json.dumps(value), "sender": "runbooks-receiver"})
-        if response.status_code != 409:  # 409: that run was told already
-            self._check(response, self.incident_deployment)
+        told = await self._tell_run(run_id, incidents.ALERT_RESOLVED, value, "runbooks-receiver")
         self._remember(memo, run_id)
-        return "repeat" if response.status_code == 409 else "incident_updated"
+        return "incident_updated" if told else "repeat"
 
     async def acknowledge(self, incident_id: str, by: str) -> str:
         """Acknowledge an incident for a Slack click: acknowledged, already, or unknown."""
@@ -186,12 +183,18 @@ class Handover:
         run_id = (response.json().get("value") or {}).get("flow_run_id")
         if not run_id:
             return "unknown"
+        told = await self._tell_run(run_id, incidents.ACK, {"by": by, "via": "slack"}, "slack")
+        return "acknowledged" if told else "already"
+
+    async def _tell_run(self, run_id: str, key: str, value: dict[str, Any], sender: str) -> bool:
+        """A flow-run input for an incident's run (as tasks.incidents.tell, over this
+        client); False when the run was told that already (HTTP 409)."""
         response = await self._call("POST", f"flow_runs/{run_id}/input", json={
-            "key": incidents.ACK, "value": json.dumps({"by": by, "via": "slack"}), "sender": "slack"})
+            "key": key, "value": json.dumps(value), "sender": sender})
         if response.status_code == 409:
-            return "already"
-        self._check(response, "incident")
-        return "acknowledged"
+            return False
+        self._check(response, self.incident_deployment)
+        return True
 
     async def _call(self, method: str, path: str, **kwargs: Any) -> httpx.Response:
         for pause in self.RETRIES:

@@ -116,9 +116,8 @@ def incident_response(title: str | None = None, severity: Severity | None = None
                 ok = False
                 incident.facts.runbook_outcome = f"not started: {not_started}"
                 incident.event("incident", f"runbook {runbook} not started: {not_started}")
-                incident.say(update(incident.facts, _now(), "Investigating", [f"runbook {runbook} could not start: "
-                                    f"{not_started}; a person must act"], _impact(settings, service), "unknown"),
-                             what="status update")
+                _post_update(settings, incident, "Investigating",
+                             [f"runbook {runbook} could not start: {not_started}; a person must act"])
             else:
                 ok = False
             with run.step("wait for resolution") as step:
@@ -271,6 +270,13 @@ def _declare(settings: Settings, title: str, severity: Severity, service: str | 
     return incident
 
 
+def _post_update(settings: Settings, incident: incidents.Incident, status: str, actions: list[str],
+                 eta: str = "unknown") -> None:
+    """Template 2 in the channel, with the impact measured now."""
+    incident.say(update(incident.facts, _now(), status, actions, _impact(settings, incident.facts.service), eta),
+                 what="status update")
+
+
 def _impact(settings: Settings, service: str | None) -> list[str]:
     if settings.prometheus is None or not service or service not in settings.services:
         return []
@@ -358,7 +364,7 @@ def _run_runbook(settings: Settings, incident: incidents.Incident, runbook_flow:
             status = "Mitigating"
         actions = [f"{s.name}: {'done' if s.outcome == 'ok' else s.outcome}" + (f" ({s.detail})" if s.detail else "")
                    for s in report.steps]
-        incident.say(update(f, _now(), status, actions, _impact(settings, f.service), eta()), what="status update")
+        _post_update(settings, incident, status, actions, eta())
 
     with listen(on_step):
         try:
@@ -374,9 +380,8 @@ def _run_runbook(settings: Settings, incident: incidents.Incident, runbook_flow:
     f.runbook_outcome = (f"completed ({outcome})" if outcome else "completed") if not error else f"failed: {error}"
     incident.event("runbook", f"{runbook_flow.name} {f.runbook_outcome}")
     if error:
-        incident.say(update(f, _now(), "Investigating: the runbook failed, a person must act",
-                            [f"{runbook_flow.name}: {f.runbook_outcome}"], _impact(settings, f.service), "unknown"),
-                     what="status update")
+        _post_update(settings, incident, "Investigating: the runbook failed, a person must act",
+                     [f"{runbook_flow.name}: {f.runbook_outcome}"])
     return not error
 
 
@@ -416,16 +421,14 @@ def _await_resolution(settings: Settings, incident: incidents.Incident, has_aler
 
     def still_open() -> None:
         waiting = "the alert to resolve" if has_alert else "a person to resolve it"
-        incident.say(update(f, _now(), "Monitoring" if runbook_ok else "Investigating",
-                            [f"runbook {f.runbook}: {f.runbook_outcome}" if f.runbook else "no runbook",
-                             f"waiting for {waiting}"], _impact(settings, f.service), "unknown"),
-                     what="status update")
+        _post_update(settings, incident, "Monitoring" if runbook_ok else "Investigating",
+                     [f"runbook {f.runbook}: {f.runbook_outcome}" if f.runbook else "no runbook",
+                      f"waiting for {waiting}"])
 
     events = (incident.alert_resolved, incident.resolve_asked) if has_alert else (incident.resolve_asked,)
     if not incident.wait(*events, timeout_seconds=cfg.resolve_timeout_minutes * 60, on_idle=still_open):
-        incident.say(update(f, _now(), "Open: not resolved in time, left to people",
-                            [f"runbook {f.runbook}: {f.runbook_outcome}" if f.runbook else "no runbook"],
-                            _impact(settings, f.service), "unknown"), what="status update")
+        _post_update(settings, incident, "Open: not resolved in time, left to people",
+                     [f"runbook {f.runbook}: {f.runbook_outcome}" if f.runbook else "no runbook"])
         return False
     if incident.resolve_asked.is_set():
         incident.resolve(incident.resolve_note or "resolved by a person", _now())

@@ -215,18 +215,17 @@ def recent(client: Any, limit: int = 20) -> list[IncidentRecord]:
     return _filter(client, {"tags": {"all_": ["incident"]}}, limit=limit)
 
 
-def tell(client: Any, incident_id: str, key: str, value: dict[str, Any], sender: str) -> tuple[IncidentRecord, bool]:
+def tell(client: Any, record: IncidentRecord, key: str, value: dict[str, Any], sender: str) -> bool:
     """Leave `value` under `key` for the incident's run; False when that key was said
     already (the first acknowledgement counts)."""
-    record = find(client, incident_id)
     try:
         client.create_flow_run_input(flow_run_id=record.flow_run_id, key=key, value=json.dumps(value),
                                      sender=sender)
     except httpx.HTTPStatusError as exc:
         if exc.response.status_code == 409:  # that key is taken: said before
-            return record, False
+            return False
         raise
-    return record, True
+    return True
 
 
 # --- a declared incident, while its run goes on ------------------------------------------
@@ -276,9 +275,13 @@ class Incident:
         return posted
 
     def save(self) -> None:
+        """Keep the record in step with what happened (status, who acknowledged, when resolved)."""
+        f, r = self.facts, self.record
+        r.status = "resolved" if f.resolved_at else "acknowledged" if f.acknowledged_by else "open"
+        r.acknowledged_by, r.resolved_at = f.acknowledged_by, f.resolved_at
         try:
             with self._client() as client:
-                save(client, self.record)
+                save(client, r)
         except Exception as exc:  # noqa: BLE001 - the record is a convenience, the run goes on
             self.log.warning(f"incident record {self.record.id} not updated: {exc}")
 
@@ -319,7 +322,6 @@ class Incident:
         verdict = "" if target is None else (f", within the {span(target)} target" if waited <= target else
                                              f", after the {span(target)} target")
         self.facts.acknowledged_by, self.facts.acknowledged_at = by, at
-        self.record.status, self.record.acknowledged_by = "acknowledged", by
         self.event("person", f"acknowledged by {by} via {via} after {span(waited)}{verdict}", at=at)
         self.say(f":eyes: *{self.record.id} acknowledged* by {by} ({via}) after {span(waited)}{verdict}.",
                  what="acknowledgement")
@@ -362,7 +364,6 @@ class Incident:
 
     def resolve(self, how: str, at: datetime) -> None:
         self.facts.resolved_at, self.facts.resolved_how = at, how
-        self.record.status, self.record.resolved_at = "resolved", at
         if self.paged and self.cfg.pagerduty:
             self._page("resolve")
         self.save()

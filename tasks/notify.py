@@ -133,7 +133,7 @@ def send(settings: NotifySettings, note: Notification) -> list[str]:
     if settings.console:
         log.log(_LOG_LEVEL[note.severity], _console_message(note))
         delivered.append("console")
-    token = settings.slack_token.get_secret_value().strip() if settings.slack_token else ""
+    token = _token(settings)
     if token:
         if _send_slack(settings, note, token, log):
             delivered.append("slack")
@@ -187,7 +187,7 @@ def _slack_call(settings: NotifySettings, what: str, call: Callable[[WebClient],
                 tolerate: tuple[str, ...] = ()) -> Any:
     """One Slack Web API call; its response, or None after one scrubbed warning line.
     Errors named in `tolerate` (e.g. already_in_channel) come back as their response."""
-    token = token or (settings.slack_token.get_secret_value().strip() if settings.slack_token else "")
+    token = token or _token(settings)
     log = log or _logger()
     try:
         client = WebClient(
@@ -211,8 +211,12 @@ def _slack_call(settings: NotifySettings, what: str, call: Callable[[WebClient],
         return None
 
 
+def _token(settings: NotifySettings) -> str:
+    return settings.slack_token.get_secret_value().strip() if settings.slack_token else ""
+
+
 def slack_configured(settings: NotifySettings) -> bool:
-    return bool(settings.slack_token and settings.slack_token.get_secret_value().strip())
+    return bool(_token(settings))
 
 
 def open_channel(settings: NotifySettings, name: str, members: list[str]) -> str | None:

@@ -147,7 +147,8 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-from tests.slack_standin import _no_proxy, slack  # noqa: E402,F401 - fixtures for every test
+from tests.pagerduty_standin import pagerduty  # noqa: E402,F401 - fixtures for every test
+from tests.slack_standin import _no_proxy, slack  # noqa: E402,F401
 
 
 @pytest.fixture

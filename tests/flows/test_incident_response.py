@@ -22,7 +22,6 @@ from tasks.config import load_settings
 from tasks.notify import Severity
 from tasks.probes import wait_until_ready
 from tests.conftest import free_port
-from tests.pagerduty_standin import pagerduty  # noqa: F401 - fixture
 
 
 @pytest.fixture(scope="module")
@@ -124,7 +123,7 @@ def _tell(incident_id: str, key: str, **value: Any) -> bool:
     from prefect.client.orchestration import get_client
 
     with get_client(sync_client=True) as client:
-        return incidents.tell(client, incident_id, key, value, sender="test")[1]
+        return incidents.tell(client, incidents.find(client, incident_id), key, value, sender="test")
 
 
 def _artifact(key: str) -> str:

@@ -14,7 +14,6 @@ from tasks.incident_templates import (TO_DECIDE, Event, Facts, customer_notice, 
                                       post_incident_report, resolution, root_cause, update)
 from tasks.notify import Severity
 from tasks.pagerduty import PagerDutyConfig, event_body, send_event
-from tests.pagerduty_standin import pagerduty  # noqa: F401 - fixture
 
 T0 = datetime(2026, 12, 6, 10, 30, 0, tzinfo=timezone.utc)
 
