@@ -45,7 +45,7 @@ sys.path.insert(0, str(REPO))
 import httpx  # noqa: E402
 
 from tests.conftest import free_port  # noqa: E402
-from tests.e2e.conftest import BIN, alerts_section, base_env, spawn, start_server, wait_for  # noqa: E402
+from tests.e2e.conftest import BIN, alerts_section, api_client, base_env, spawn, start_server, wait_for  # noqa: E402
 from tests.http_load import storm  # noqa: E402
 
 TOKEN = "bench-token"
@@ -78,12 +78,8 @@ def main() -> int:
     try:
         name = f"bench-{uuid.uuid4().hex[:6]}"
         with server.api() as api:
-            def post(path: str, body: dict) -> dict:  # a server just started may answer 503 while busy
-                for _ in range(10):
-                    r = api.post(path, json=body)
-                    if r.status_code != 503:
-                        break
-                    time.sleep(0.5)
+            def post(path: str, body: dict) -> dict:
+                r = api.post(path, json=body)
                 assert r.status_code in (200, 201), r.text
                 return r.json()
 
@@ -243,7 +239,7 @@ poll_seconds = 0.5
                     firing_seen, pending_at = time.time(), _ts(down[0]["activeAt"])
                 time.sleep(0.05)
             assert firing_seen, "ServiceDown never fired"
-            with httpx.Client(base_url=api, timeout=30) as client:
+            with api_client(api) as client:
                 incident = wait_for(lambda: client.post("/flow_runs/filter", json={
                     "flows": {"name": {"any_": ["incident-response"]}}}).json(), 60, "the incident run")[0]
                 restart = wait_for(lambda: [r for r in client.post("/flow_runs/filter", json={

@@ -87,6 +87,26 @@ def base_env(home: Path, config: Path | None = None, api_url: str | None = None)
     return env
 
 
+class _RetryingTransport(httpx.HTTPTransport):
+    """Try a 503 again, as Prefect's own client does: a server on SQLite answers 503 for a
+    moment while another writer holds the database."""
+
+    def handle_request(self, request: httpx.Request) -> httpx.Response:
+        for _ in range(20):
+            response = super().handle_request(request)
+            if response.status_code != 503:
+                return response
+            response.read()
+            response.close()
+            time.sleep(1)
+        return response
+
+
+def api_client(url: str, timeout: float = 30) -> httpx.Client:
+    """An HTTP client of the Prefect API that behaves like Prefect's (503 tried again)."""
+    return httpx.Client(base_url=url, timeout=timeout, transport=_RetryingTransport())
+
+
 @dataclass
 class Server:
     """A `prefect server start` of the test's own."""
@@ -99,7 +119,7 @@ class Server:
     env: dict[str, str] = field(default_factory=dict)
 
     def api(self) -> httpx.Client:
-        return httpx.Client(base_url=self.url, timeout=30)
+        return api_client(self.url)
 
     def stop(self) -> None:
         self.proc.stop()
@@ -213,7 +233,7 @@ def served(e2e_config: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterat
     assert proc.popen.poll() is None, proc.output()
 
     def registered() -> bool:
-        with httpx.Client(base_url=url, timeout=10) as client:
+        with api_client(url, timeout=10) as client:
             names = set(deployments_by_name(client))
         return names >= NAMES
 

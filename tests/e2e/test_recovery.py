@@ -20,7 +20,7 @@ import pytest
 from demo.service import runbooks_section
 from tasks import postgres
 from tests.conftest import free_port
-from tests.e2e.conftest import (BIN, base_env, deployments_by_name, flow_run, run, spawn, wait_final, wait_for,
+from tests.e2e.conftest import (BIN, api_client, base_env, deployments_by_name, flow_run, run, spawn, wait_final, wait_for,
                                 write_config)
 
 SWAP_PAUSE = 4  # seconds between the two renames in this module's runs, to kill a run there
@@ -83,19 +83,12 @@ def others(stack: dict[str, Any], infix: str) -> list[str]:
 
 
 def post(stack: dict[str, Any], path: str, body: dict[str, Any]) -> httpx.Response:
-    """POST to the Prefect API as a careful client does: a server on SQLite answers 503
-    for a moment under load, so that is tried again."""
-    with httpx.Client(base_url=stack["url"], timeout=30) as api:
-        for _ in range(20):
-            r = api.post(path, json=body)
-            if r.status_code != 503:
-                return r
-            time.sleep(1)
-        return r
+    with api_client(stack["url"]) as api:
+        return api.post(path, json=body)
 
 
 def start_run(stack: dict[str, Any], deployment: str, **params: Any) -> str:
-    with httpx.Client(base_url=stack["url"], timeout=30) as api:
+    with api_client(stack["url"]) as api:
         d = deployments_by_name(api)[deployment]
     r = post(stack, f"/deployments/{d['id']}/create_flow_run", {"parameters": params})
     assert r.status_code == 201, r.text
@@ -103,7 +96,7 @@ def start_run(stack: dict[str, Any], deployment: str, **params: Any) -> str:
 
 
 def state(stack: dict[str, Any], run_id: str) -> str:
-    with httpx.Client(base_url=stack["url"], timeout=30) as api:
+    with api_client(stack["url"]) as api:
         return flow_run(api, run_id).get("state_type") or ""
 
 
@@ -136,7 +129,7 @@ def test_a_second_recovery_is_refused_and_approvals_are_checked(stack):
     time.sleep(1)
     assert state(stack, first) == "PAUSED"  # invalid input changes nothing
     assert resume(stack, first, {"approve": False, "approver": "ann", "reason": "wrong database"})["status"] == "ACCEPT"
-    with httpx.Client(base_url=stack["url"], timeout=30) as api:
+    with api_client(stack["url"]) as api:
         final = wait_final(api, first, timeout=120)
     assert final["state_type"] == "FAILED" and "not approved" in final["state"]["message"]
     assert counts(stack["dsn"]) == before and stack["service"].status().pid == pid
@@ -151,7 +144,7 @@ def test_killed_during_the_restore_production_is_untouched_and_the_next_run_clea
     rec = wait_for(lambda: (r := record(stack, killed)) and r["step"] == "restoring" and r, 120,
                    "the restore to begin", every=0.05)
     os.kill(rec["pid"], signal.SIGKILL)
-    with httpx.Client(base_url=stack["url"], timeout=30) as api:
+    with api_client(stack["url"]) as api:
         assert wait_final(api, killed, timeout=120)["state_type"] in ("CRASHED", "FAILED")
     assert counts(stack["dsn"]) == damaged and stack["service"].status().pid == pid  # never touched
     half = rec["databases"][0]

@@ -9,7 +9,7 @@ import time
 import yaml
 
 from deployments.spec import PREFECT_YAML
-from tests.e2e.conftest import (BIN, NAMES, base_env, deployments_by_name, run, spawn, start_server,
+from tests.e2e.conftest import (BIN, api_client, NAMES, base_env, deployments_by_name, run, spawn, start_server,
                                 wait_final, wait_for)
 
 
@@ -17,7 +17,7 @@ def test_serve_prints_its_server_and_registers_prefect_yaml_as_is(served):
     out = served["proc"].output()
     assert f"UI at {served['ui']}" in out and f"Serving {len(NAMES)} deployments" in out, out
     spec = {d["name"]: d for d in yaml.safe_load(PREFECT_YAML.read_text())["deployments"]}
-    with httpx_client(served) as client:
+    with api_client(served["url"]) as client:
         registered = deployments_by_name(client)
     assert set(registered) == set(spec)
     for name, d in registered.items():
@@ -39,12 +39,6 @@ def test_serve_prints_its_server_and_registers_prefect_yaml_as_is(served):
     assert [s["parameters"] for s in retention["schedules"]] == [{"auto_approve": True}]
 
 
-def httpx_client(served):
-    import httpx
-
-    return httpx.Client(base_url=served["url"], timeout=30)
-
-
 def test_runbooks_run_watch_follows_a_backup_to_its_figures(served):
     proc = run([str(BIN / "runbooks"), "run", "backup-orders", "--watch"], served["env"])
     assert proc.returncode == 0, proc.stdout + proc.stderr
@@ -62,7 +56,7 @@ def test_runbooks_run_watch_exits_2_on_an_operator_error(served):
 
 
 def test_runbooks_run_refuses_bad_parameters_before_a_run_exists(served):
-    with httpx_client(served) as client:
+    with api_client(served["url"]) as client:
         before = client.post("/flow_runs/count", json={}).json()
     for args, expected in [(["-p", "bogus=1"], "unknown parameter 'bogus'"),
                            (["-p", "dry_run=sometimes"], "parameter 'dry_run': \"sometimes\" is not valid"),
@@ -74,12 +68,12 @@ def test_runbooks_run_refuses_bad_parameters_before_a_run_exists(served):
         assert proc.stdout == ""
     proc = run([str(BIN / "runbooks"), "run", "no-such-deployment"], served["env"])
     assert proc.returncode == 2 and "unknown deployment 'no-such-deployment' (known: backup-orders" in proc.stderr
-    with httpx_client(served) as client:
+    with api_client(served["url"]) as client:
         assert client.post("/flow_runs/count", json={}).json() == before
 
 
 def test_a_run_created_through_the_rest_api_runs_on_serve(served):
-    with httpx_client(served) as client:
+    with api_client(served["url"]) as client:
         deployment = deployments_by_name(client)["backup-retention"]
         response = client.post(f"/deployments/{deployment['id']}/create_flow_run",
                                json={"parameters": {"dry_run": True}})
@@ -91,7 +85,7 @@ def test_a_run_created_through_the_rest_api_runs_on_serve(served):
 
 def test_the_every_minute_schedule_fires_on_its_own(served):
     """The health check's real schedule from prefect.yaml (every minute), no override."""
-    with httpx_client(served) as client:
+    with api_client(served["url"]) as client:
         deployment = deployments_by_name(client)["health-check"]
 
         def fired():

@@ -12,7 +12,7 @@ import pytest
 
 from deployments.spec import PROJECT
 from tests.conftest import need
-from tests.e2e.conftest import BIN, deployments_by_name, run, wait_final, wait_for
+from tests.e2e.conftest import BIN, api_client, deployments_by_name, run, wait_final, wait_for
 
 SHOTS = PROJECT / "test-output" / "ui"
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
@@ -57,13 +57,13 @@ def test_restore_test_started_from_its_form_completes_with_its_report(served, pa
     page.locator("textarea").first.fill(backup_id)  # backup_id: this very backup, not just the newest
     page.screenshot(path=str(SHOTS / "1-restore-test-form.png"), full_page=True)
 
-    with served_client(served) as client:
+    with api_client(served["url"]) as client:
         before = {r["id"] for r in _runs(client, "restore-test-orders")}
     try:
         _submit(page)
     finally:
         page.screenshot(path=str(SHOTS / "1b-after-submit.png"), full_page=True)
-    with served_client(served) as client:
+    with api_client(served["url"]) as client:
         new = wait_for(lambda: [r for r in _runs(client, "restore-test-orders")
                                 if r["id"] not in before and not r["auto_scheduled"]],
                        30, "the run the form created")
@@ -100,7 +100,7 @@ def test_a_recovery_is_approved_in_its_resume_form(served, page):
     for deployment in ("backup-orders", "restore-test-orders"):  # a verified backup to recover from
         done = run([str(BIN / "runbooks"), "run", deployment, "--watch"], served["env"])
         assert done.returncode == 0, done.stdout + done.stderr
-    with served_client(served) as client:
+    with api_client(served["url"]) as client:
         dep = deployments_by_name(client)["database-recovery-orders"]
         created = client.post(f"/deployments/{dep['id']}/create_flow_run",
                               json={"parameters": {"incident": "INC-UI"}})
@@ -123,7 +123,7 @@ def test_a_recovery_is_approved_in_its_resume_form(served, page):
     form.get_by_role("button", name="Submit").click()
     form.wait_for(state="hidden")  # the UI closes it once the server accepted the input
 
-    with served_client(served) as client:
+    with api_client(served["url"]) as client:
         final = wait_final(client, run_id, timeout=180)
     assert final["state_type"] == "COMPLETED", final["state"]
     page.goto(f"{served['ui']}/runs/flow-run/{run_id}")
@@ -152,7 +152,7 @@ def test_an_incident_declared_from_its_form_is_acknowledged_and_resolved_from_a_
     for args in (["ack", incident_id, "--by", "ann"], ["resolve", incident_id, "--by", "ann", "--note", "rolled back"]):
         done = run([str(BIN / "runbooks"), "incident", *args], served["env"])
         assert done.returncode == 0, done.stdout + done.stderr
-    with served_client(served) as client:
+    with api_client(served["url"]) as client:
         (incident,) = [r for r in _runs(client, "incident-response") if r["parameters"].get("title") == title]
         final = wait_final(client, incident["id"], timeout=120)
     assert final["state_type"] == "COMPLETED", final["state"]
@@ -183,12 +183,6 @@ def _choose(page, index: int, option: str) -> None:
     page.locator(".p-select-button__control").nth(index).focus()
     page.keyboard.press("ArrowDown")
     page.locator(".p-select-option", has_text=option).first.click()
-
-
-def served_client(served):
-    import httpx
-
-    return httpx.Client(base_url=served["url"], timeout=30)
 
 
 def _runs(client, deployment: str) -> list[dict]:
