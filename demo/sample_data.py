@@ -117,7 +117,10 @@ _TABLES: tuple[str, ...] = (
         tier text NOT NULL DEFAULT 'free' CHECK (tier IN ({tiers})),
         created_at timestamptz NOT NULL DEFAULT now(),
         revoked_at timestamptz,
-        last_used_at timestamptz
+        last_used_at timestamptz,
+        revoke_reason text,
+        permissions text[] NOT NULL DEFAULT '{{orders:read,profile:read}}',
+        replaced_by bigint
     )""",
     """CREATE TABLE IF NOT EXISTS {schema}.orders (
         id bigserial PRIMARY KEY,

@@ -8,8 +8,17 @@ Endpoints (reference: "Health Checks" in 002):
   GET /metrics  Prometheus text: fraiseql_http_requests_total{status},
                 fraiseql_query_duration_seconds, fraiseql_query_errors_total,
                 fraiseql_db_connections_active, fraiseql_uptime_seconds
-  GET /api/orders        needs `Authorization: Bearer <api key>`; only key hashes are
-                         stored; 401 for unknown or revoked keys; 429 over the tier's limit
+                fraiseql_api_key_requests_total{key_prefix,status},
+                fraiseql_api_key_pii_requests_total{key_prefix},
+                fraiseql_auth_failures_total{reason}, fraiseql_rate_limit_decisions_total{tier,decision}
+  GET /api/orders        needs `Authorization: Bearer <api key>` with permission orders:read
+  GET /api/profile       the key owner's email and name (PII), permission profile:read
+                         Only key hashes are stored; 401 for unknown or revoked keys, 403
+                         without the permission, 429 over the limit. Every request is one
+                         `api.request` row in audit_logs (docs/demo-service.md).
+  POST /admin/auth-check {"key_hash": "<sha256 hex>"}: answers the status a request with
+                         that key would get now (200, 401), through the same cache and
+                         database lookups: how a revocation is verified without the key
   POST /admin/fault      {"mode": "none" | "hang" | "error" | "api-error" | "slow" | "crash"}
                          (drills; "api-error" fails only /api/, a bug the probes do not see);
                          SIGUSR1 switches to "hang", SIGUSR2 back to "none"
@@ -26,6 +35,7 @@ import asyncio
 import hashlib
 import json
 import os
+import re
 import signal
 import sys
 import time
@@ -52,10 +62,50 @@ class ServiceSettings(BaseModel):
     check_timeout: float = 2.0
     key_prefix: str = ""  # namespaces this service's Redis keys (tests, several services)
     fault: str = "none"  # the fault it starts with
+    key_cache_seconds: int = 300  # a valid key's lookup is cached in Redis this long
+    max_key_labels: int = 100  # distinct key prefixes given their own metric label
+
+
+class AuthCheck(BaseModel):
+    key_hash: str
 
 
 class Fault(BaseModel):
     mode: str
+
+
+# What each API endpoint reads, and the permission it needs. The fields a person can be
+# identified by are PII: the audit log and the metrics say when a key reads them.
+PII_FIELDS = frozenset({"users.email", "users.name"})
+ENDPOINTS: dict[str, tuple[str, str, tuple[str, ...]]] = {
+    "orders": ("orders:read", "orders", ("orders.id", "orders.status", "orders.total_cents")),
+    "profile": ("profile:read", "users", ("users.id", "users.email", "users.name")),
+}
+TIERS = ("free", "standard", "premium", "enterprise")
+
+
+class KeyLabels:
+    """Bounded metric labels for key prefixes: the first `limit` prefixes seen get their
+    own label, later ones share "other"; requests without a known key are "unknown" (the
+    text a caller sends never becomes a label)."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit, self.seen = limit, set[str]()
+
+    def __call__(self, prefix: str | None) -> str:
+        if prefix is None:
+            return "unknown"
+        if prefix in self.seen or len(self.seen) < self.limit:
+            self.seen.add(prefix)
+            return prefix
+        return "other"
+
+
+def source_ip(request: Request) -> str:
+    """The caller's address; behind a proxy on loopback, the first X-Forwarded-For hop."""
+    peer = request.client.host if request.client else "unknown"
+    forwarded = request.headers.get("x-forwarded-for", "").split(",")[0].strip()
+    return forwarded if forwarded and peer in ("127.0.0.1", "::1") else peer
 
 
 def runbooks_section(dsn: str, port: int, state_dir: Path, redis_url: str = "none",
@@ -88,6 +138,14 @@ def create_app(settings: ServiceSettings) -> FastAPI:
     db_active = Gauge("fraiseql_db_connections_active", "Database connections in use", registry=registry)
     uptime = Gauge("fraiseql_uptime_seconds", "Seconds since start", registry=registry)
     uptime.set_function(lambda: time.monotonic() - started)
+    key_requests = Counter("fraiseql_api_key_requests_total", "API requests by key prefix (bounded: "
+                           "see KeyLabels)", ["key_prefix", "status"], registry=registry)
+    pii_requests = Counter("fraiseql_api_key_pii_requests_total", "API requests that returned PII fields",
+                           ["key_prefix"], registry=registry)
+    auth_failures = Counter("fraiseql_auth_failures_total", "Requests refused 401", ["reason"], registry=registry)
+    limit_decisions = Counter("fraiseql_rate_limit_decisions_total", "Rate-limit decisions",
+                              ["tier", "decision"], registry=registry)
+    key_label = KeyLabels(settings.max_key_labels)
 
     def set_fault(mode: str) -> None:
         state["fault"] = mode
@@ -162,40 +220,134 @@ def create_app(settings: ServiceSettings) -> FastAPI:
         set_fault(body.mode)
         return JSONResponse({"fault": body.mode})
 
+    ns = settings.key_prefix
+
+    def lookup(conn: psycopg.Connection, digest: str) -> tuple[dict[str, Any] | None, str]:
+        """The key behind a hash, from the cache or the database: (key, "") or (None, why)."""
+        cached = None
+        if cache is not None:
+            try:
+                cached = cache.get(f"{ns}apikey:{digest}")
+            except redis.RedisError:
+                pass  # the database still answers
+        if cached:
+            return json.loads(cached), ""
+        row = conn.execute("SELECT id, user_id, tier, key_prefix, permissions, revoked_at IS NOT NULL "
+                           "FROM api_keys WHERE key_hash = %s", (digest,)).fetchone()
+        if row is None:
+            return None, "unknown"
+        if row[5]:
+            return None, "revoked"
+        key = {"id": row[0], "user_id": row[1], "tier": row[2], "prefix": row[3], "permissions": list(row[4])}
+        if cache is not None:
+            try:
+                cache.set(f"{ns}apikey:{digest}", json.dumps(key), ex=settings.key_cache_seconds)
+            except redis.RedisError:
+                pass
+        return key, ""
+
+    def limit_for(key: dict[str, Any]) -> tuple[int, int]:
+        """(limit, used this minute): the most specific override in Redis wins (key, tier,
+        global), else the default. Raises RedisError."""
+        assert cache is not None
+        names = [f"{ns}rate_limit:key:{key['id']}:requests_per_minute",
+                 f"{ns}rate_limit:tier:{key['tier']}:requests_per_minute",
+                 f"{ns}rate_limit:global:requests_per_minute"]
+        limit = next((int(v) for v in cache.mget(names) if v is not None), settings.default_rpm)
+        window = f"{ns}rate:{key['id']}:{int(time.time() // 60)}"
+        used = cache.incr(window)
+        cache.expire(window, 120)
+        return limit, int(used)
+
+    def audit(conn: psycopg.Connection, key: dict[str, Any] | None, operation: str, status: int,
+              ip: str, fields: tuple[str, ...] = (), rows: int = 0, t0: float = 0.0) -> None:
+        details = {"api_key_id": key["id"] if key else None, "key_prefix": key["prefix"] if key else None,
+                   "operation": operation, "tables": sorted({f.split(".")[0] for f in fields}),
+                   "fields": list(fields), "ip": ip, "rows": rows, "status": status,
+                   "duration_ms": round((time.monotonic() - t0) * 1000, 1)}
+        conn.execute("INSERT INTO audit_logs (actor_user_id, action, target, details) "
+                     "VALUES (%s, 'api.request', %s, %s)",
+                     (key["user_id"] if key else None, f"api_key:{key['id']}" if key else None, json.dumps(details)))
+
+    def api(request: Request, operation: str) -> JSONResponse:
+        """Authenticate, authorise, limit, answer, audit: one connection per request."""
+        t0, ip = time.monotonic(), source_ip(request)
+        permission, table, fields = ENDPOINTS[operation]
+        scheme, _, raw = request.headers.get("authorization", "").partition(" ")
+        db_active.inc()
+        try:
+            with query_seconds.time(), psycopg.connect(
+                    settings.dsn, connect_timeout=max(1, int(settings.check_timeout)), autocommit=True) as conn:
+                if scheme.lower() != "bearer" or not raw.strip():
+                    key, why = None, "missing"
+                else:
+                    key, why = lookup(conn, hashlib.sha256(raw.strip().encode()).hexdigest())
+                label = key_label(key["prefix"] if key else None)
+                if key is None:
+                    auth_failures.labels(why).inc()
+                    key_requests.labels(label, "401").inc()
+                    audit(conn, None, operation, 401, ip, t0=t0)
+                    return JSONResponse({"error": "missing or malformed API key" if why == "missing"
+                                         else "unknown or revoked API key"}, status_code=401)
+                if permission not in key["permissions"]:
+                    key_requests.labels(label, "403").inc()
+                    audit(conn, key, operation, 403, ip, t0=t0)
+                    return JSONResponse({"error": f"this key lacks {permission}"}, status_code=403)
+                limit, used = settings.default_rpm, 0
+                if cache is not None:  # without a cache (demo without Redis) nothing is limited
+                    try:
+                        limit, used = limit_for(key)
+                    except redis.RedisError:
+                        return JSONResponse({"error": "rate limiter unavailable"}, status_code=503)
+                tier = key["tier"] if key["tier"] in TIERS else "other"
+                if used > limit:
+                    limit_decisions.labels(tier, "limited").inc()
+                    key_requests.labels(label, "429").inc()
+                    audit(conn, key, operation, 429, ip, t0=t0)
+                    return JSONResponse({"error": f"rate limit of {limit}/min exceeded"},
+                                        status_code=429, headers={"Retry-After": "60"})
+                limit_decisions.labels(tier, "allowed").inc()
+                if operation == "orders":
+                    found = conn.execute("SELECT id, status, total_cents FROM orders WHERE user_id = %s "
+                                         "ORDER BY id LIMIT 10", (key["user_id"],)).fetchall()
+                    body: dict[str, Any] = {"orders": [{"id": i, "status": s, "total_cents": t}
+                                                       for i, s, t in found]}
+                else:
+                    found = conn.execute("SELECT id, email, name FROM users WHERE id = %s",
+                                         (key["user_id"],)).fetchall()
+                    body = {"users": [{"id": i, "email": e, "name": n} for i, e, n in found]}
+                conn.execute("UPDATE api_keys SET last_used_at = now() WHERE id = %s", (key["id"],))
+                key_requests.labels(label, "200").inc()
+                if PII_FIELDS & set(fields):
+                    pii_requests.labels(label).inc()
+                audit(conn, key, operation, 200, ip, fields, len(found), t0)
+                return JSONResponse({**body, "tier": key["tier"], "remaining": max(0, limit - used)})
+        except psycopg.Error:
+            query_errors.inc()
+            return JSONResponse({"error": "database unavailable"}, status_code=503)
+        finally:
+            db_active.dec()
+
     @app.get("/api/orders")
     def orders(request: Request) -> JSONResponse:
-        scheme, _, key = request.headers.get("authorization", "").partition(" ")
-        if scheme.lower() != "bearer" or not key.strip():
-            return JSONResponse({"error": "missing or malformed API key"}, status_code=401)
-        digest = hashlib.sha256(key.strip().encode()).hexdigest()
-        with query_seconds.time():
-            try:
-                rows = query("SELECT id, user_id, tier FROM api_keys WHERE key_hash = %s AND revoked_at IS NULL",
-                             (digest,))
-            except psycopg.Error:
-                query_errors.inc()
-                return JSONResponse({"error": "database unavailable"}, status_code=503)
-        if not rows:
-            return JSONResponse({"error": "unknown or revoked API key"}, status_code=401)
-        key_id, user_id, tier = rows[0]
-        limit, used = settings.default_rpm, 0
+        return api(request, "orders")
+
+    @app.get("/api/profile")
+    def profile(request: Request) -> JSONResponse:
+        return api(request, "profile")
+
+    @app.post("/admin/auth-check")
+    def auth_check(body: AuthCheck) -> JSONResponse:
+        if not re.fullmatch(r"[0-9a-f]{64}", body.key_hash):
+            return JSONResponse({"error": "key_hash must be 64 lowercase hex digits"}, status_code=422)
         try:
-            if cache is not None:  # without a cache (demo without Redis) nothing is limited
-                ns = settings.key_prefix
-                limit = int(cache.get(f"{ns}rate_limit:tier:{tier}:requests_per_minute") or settings.default_rpm)
-                window = f"{ns}rate:{key_id}:{int(time.time() // 60)}"
-                used = cache.incr(window)
-                cache.expire(window, 120)
-        except redis.RedisError:
-            return JSONResponse({"error": "rate limiter unavailable"}, status_code=503)
-        if used > limit:
-            return JSONResponse({"error": f"rate limit of {limit}/min for tier {tier} exceeded"},
-                                status_code=429, headers={"Retry-After": "60"})
-        with query_seconds.time():
-            found = query("SELECT id, status, total_cents FROM orders WHERE user_id = %s ORDER BY id LIMIT 10",
-                          (user_id,))
-        return JSONResponse({"orders": [{"id": i, "status": s, "total_cents": t} for i, s, t in found],
-                             "tier": tier, "remaining": max(0, limit - used)})
+            with psycopg.connect(settings.dsn, connect_timeout=max(1, int(settings.check_timeout))) as conn:
+                key, why = lookup(conn, body.key_hash)
+        except psycopg.Error:
+            return JSONResponse({"error": "database unavailable"}, status_code=503)
+        if key is None:
+            return JSONResponse({"status": 401, "reason": why}, status_code=401)
+        return JSONResponse({"status": 200, "key_prefix": key["prefix"]})
 
     return app
 

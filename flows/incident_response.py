@@ -4,6 +4,7 @@ and ends with the resolution and the post-incident report."""
 
 from __future__ import annotations
 
+import inspect
 import statistics
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
@@ -335,6 +336,11 @@ def _run_runbook(settings: Settings, incident: incidents.Incident, runbook_flow:
                  report_md: list[str]) -> bool:
     """The runbook as a subflow of this run; a status update after each of its steps."""
     f = incident.facts
+    accepts = inspect.signature(runbook_flow.fn).parameters
+    if "incident" in accepts:  # runbooks that write notices name the incident in them
+        params.setdefault("incident", f.id)
+    if "alerted_at" in accepts and f.alert_name:  # and measure from the alert
+        params.setdefault("alerted_at", f.detected_at)
     eta_seconds = _typical_seconds(runbook_flow.name)
     started = _now()
     purpose = (runbook_flow.description or "").strip().splitlines()

@@ -22,6 +22,7 @@ from tasks.incidents import IncidentsConfig
 from tasks.notify import NotifySettings
 from tasks.prometheus import ErrorRate, PrometheusConfig
 from tasks.postgres import Database, DatabaseConfig
+from tasks.security import SecurityConfig
 from tasks.service import Controller, ServiceConfig, open_controller
 from tasks.encryption import EncryptionConfig
 from tasks.storage import LocalStoreConfig, Store, StoreConfig, open_store
@@ -49,6 +50,8 @@ class Settings(BaseSettings):
     alerts: AlertsConfig | None = Field(None, description="the alert receiver: credentials and routes")
     incidents: IncidentsConfig = Field(default_factory=IncidentsConfig, description="on-call people, "
                                        "escalation and paging for incidents")
+    security: SecurityConfig | None = Field(None, description="API keys, audit log and rate limits of a "
+                                            "service, for the security runbooks")
     work_dir: Path | None = Field(None, description="where restores spool the uncompressed archive, "
                                   "in a file without a name (needs its size free); default: the system "
                                   "temp dir")
@@ -83,6 +86,11 @@ class Settings(BaseSettings):
             if db.store not in self.stores:
                 raise ValueError(f"databases.{name}.store: no store named {db.store!r} "
                                  f"(configured: {', '.join(sorted(self.stores)) or 'none'})")
+        if self.security is not None:
+            if self.security.service not in self.services:
+                raise ValueError(f"security.service: no service named {self.security.service!r}")
+            if self.security.database is not None and self.security.database not in self.databases:
+                raise ValueError(f"security.database: no database named {self.security.database!r}")
         for name, svc in self.services.items():
             if svc.database is not None and svc.database not in self.databases:
                 raise ValueError(f"services.{name}.database: no database named {svc.database!r}")
@@ -200,6 +208,10 @@ def _resolve_paths(settings: Settings, base: Path) -> None:
         if c.kind == "process":
             c.pid_file, c.log_file = resolve(c.pid_file), resolve(c.log_file)
             c.workdir = resolve(c.workdir) if c.workdir else None
+    if settings.security:
+        settings.security.delivery_dir = resolve(settings.security.delivery_dir)
+        limits = settings.security.rate_limits
+        limits.config_file = resolve(limits.config_file) if limits.config_file else None
     for db in settings.databases.values():
         if db.bin_dir:
             db.bin_dir = resolve(db.bin_dir)

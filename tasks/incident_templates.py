@@ -272,3 +272,32 @@ def post_incident_report(f: Facts, timeline: list[Event], evidence_md: str, runb
 def _demote(markdown: str) -> str:
     """A report nested in the incident's: its headings one level down."""
     return "\n".join(("#" + line) if line.startswith("#") else line for line in markdown.splitlines())
+
+
+def key_compromise_notice(key_prefix: str, owner: str, revoked_at: datetime, reason: str, accessed: list[str],
+                          replacement: str, reference: str | None = None, contact: str | None = None) -> str:
+    """API_KEY_COMPROMISE_NOTICE (and template 4's points): a draft for a person to send."""
+    seen = "\n".join(f"- {line}" for line in accessed) or "- no use of the key was recorded"
+    return f"""Subject: ACTION REQUIRED: Your API Key was Compromised
+
+Dear {owner},
+
+We detected suspicious activity on your API key {key_prefix}… and revoked it at
+{revoked_at:%Y-%m-%d %H:%M:%S} UTC. Requests with it are now refused.
+
+WHY:
+{reason}
+
+WHAT THE KEY WAS USED FOR (from our audit log):
+{seen}
+
+YOUR NEW KEY:
+{replacement}
+
+WHAT WE ASK OF YOU:
+1. Replace the revoked key wherever it is configured, and rotate your other keys.
+2. Tell us whether the activity above was yours, so we can confirm no data was accessed
+   without your authority.
+3. Check where the key may have leaked (repositories, CI logs, shared configuration).
+{f"Reference: {reference}" if reference else ""}
+Contact: {contact or '[support contact]'}"""

@@ -40,8 +40,11 @@ def is_transient(exc: BaseException) -> bool:
     try:
         import botocore.exceptions as bx
         import psycopg
-    except ImportError:  # pragma: no cover - both are dependencies
+        import redis
+    except ImportError:  # pragma: no cover - all are dependencies
         return False
+    if isinstance(exc, (redis.ConnectionError, redis.TimeoutError)):
+        return True
     if isinstance(exc, (bx.EndpointConnectionError, bx.ConnectionClosedError,
                         bx.ReadTimeoutError, bx.ConnectTimeoutError)):
         return True
