@@ -25,6 +25,10 @@ Endpoints (reference: "Health Checks" in 002):
 
     python -m demo.service --dsn DSN [--redis redis://127.0.0.1:6379/0] [--port 8000]
                            [--fault MODE]   (start faulty: a bad release a restart does not cure)
+                           [--limits FILE]  (default_rpm = N, [tiers] premium = N, ...)
+A key's limit per minute: the first of the Redis overrides <prefix>rate_limit:key:<id>,
+rate_limit:tier:<tier>, rate_limit:global (each :requests_per_minute) that is set, else
+its tier's limit from the limits file, else the default.
 uvicorn handles SIGTERM gracefully: it stops accepting and lets in-flight requests finish.
 """
 
@@ -39,6 +43,7 @@ import re
 import signal
 import sys
 import time
+import tomllib
 from pathlib import Path
 from typing import Any
 
@@ -57,7 +62,8 @@ EXEMPT = ("/admin/", "/live")  # drills must stay switchable; liveness reflects 
 class ServiceSettings(BaseModel):
     dsn: str
     redis_url: str | None = "redis://127.0.0.1:6379/0"  # None: no cache (no rate limits)
-    default_rpm: int = 60  # when no rate_limit:tier:<tier>:requests_per_minute is set
+    default_rpm: int = 60  # a key's limit per minute without an override in Redis ...
+    tier_rpm: dict[str, int] = {}  # ... or its tier's, where the limits file sets one
     slow_seconds: float = 2.0
     check_timeout: float = 2.0
     key_prefix: str = ""  # namespaces this service's Redis keys (tests, several services)
@@ -253,7 +259,8 @@ def create_app(settings: ServiceSettings) -> FastAPI:
         names = [f"{ns}rate_limit:key:{key['id']}:requests_per_minute",
                  f"{ns}rate_limit:tier:{key['tier']}:requests_per_minute",
                  f"{ns}rate_limit:global:requests_per_minute"]
-        limit = next((int(v) for v in cache.mget(names) if v is not None), settings.default_rpm)
+        default = settings.tier_rpm.get(key["tier"], settings.default_rpm)
+        limit = next((int(v) for v in cache.mget(names) if v is not None), default)
         window = f"{ns}rate:{key['id']}:{int(time.time() // 60)}"
         used = cache.incr(window)
         cache.expire(window, 120)
@@ -361,12 +368,16 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=8000)
     parser.add_argument("--default-rpm", type=int, default=60)
+    parser.add_argument("--limits", type=Path, help="a TOML file: default_rpm = N and a [tiers] table of "
+                        "per-tier limits (what a permanent rate-limit change edits)")
     parser.add_argument("--key-prefix", default="", help="prefix of this service's Redis keys")
     parser.add_argument("--fault", default="none", choices=FAULTS, help="start with this fault switched on")
     args = parser.parse_args(argv)
     redis_url = None if args.redis == "none" else args.redis
-    app = create_app(ServiceSettings(dsn=args.dsn, redis_url=redis_url, default_rpm=args.default_rpm,
-                                     key_prefix=args.key_prefix, fault=args.fault))
+    limits = tomllib.loads(args.limits.read_text()) if args.limits else {}
+    app = create_app(ServiceSettings(dsn=args.dsn, redis_url=redis_url,
+                                     default_rpm=limits.get("default_rpm", args.default_rpm),
+                                     tier_rpm=limits.get("tiers", {}), key_prefix=args.key_prefix, fault=args.fault))
     uvicorn.run(app, host=args.host, port=args.port, log_level="info", timeout_graceful_shutdown=30)
 
 

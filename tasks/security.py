@@ -49,12 +49,15 @@ class RateLimitsConfig(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    default_rpm: int = Field(60, gt=0, description="the limit without an override in Redis")
-    tiers: dict[str, int] = Field(default_factory=dict, description="per-tier defaults, where they differ")
+    default_rpm: int = Field(60, gt=0, description="the limit without an override in Redis (when no "
+                             "config_file says it)")
+    tiers: dict[str, int] = Field(default_factory=dict, description="per-tier defaults, where they differ "
+                                  "(when no config_file says them)")
     max_factor: float = Field(10, gt=1, description="a new limit above this many times the default, or below "
                               "the default over it, is refused unless forced")
-    config_file: Path | None = Field(None, description="the service's own limits file (TOML); a permanent "
-                                     "change is proposed as a diff of it")
+    config_file: Path | None = Field(None, description="the service's own limits file (TOML: default_rpm, "
+                                     "[tiers]): the defaults are read from it, and a permanent change is "
+                                     "proposed as a diff of it")
     error_rate_threshold: float = Field(0.01, ge=0, le=1, description="while watching an override, an "
                                         "error rate above this reverts it early")
 

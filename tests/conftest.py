@@ -148,6 +148,7 @@ def free_port() -> int:
 
 
 from tests.pagerduty_standin import pagerduty  # noqa: E402,F401 - fixtures for every test
+from tests.security_stack import security_stack  # noqa: E402,F401
 from tests.slack_standin import _no_proxy, slack  # noqa: E402,F401
 
 

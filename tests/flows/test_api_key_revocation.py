@@ -8,146 +8,25 @@ import hashlib
 import json
 import re
 import stat
-import sys
-import uuid
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
-import httpx
 import psycopg
 import pytest
 import redis
 
-from demo.service import runbooks_section
 from flows.api_key_revocation import api_key_revocation
 from tasks import api_keys
 from tasks.approval import NotApproved
 from tasks.config import load_settings
 from tasks.security import SecurityError
-from tasks.probes import wait_until_ready
-from tests.conftest import free_port, need
-
-REDIS_URL = "redis://127.0.0.1:6379/0"
-
-
-@pytest.fixture
-def ns():
-    client = redis.Redis.from_url(REDIS_URL, socket_timeout=2)
-    try:
-        client.ping()
-    except redis.RedisError:
-        need(False, f"Redis at {REDIS_URL} is not reachable")
-    prefix = f"rbtest:{uuid.uuid4().hex[:8]}:"
-    yield prefix
-    for key in client.scan_iter(f"{prefix}*"):
-        client.delete(key)
+from tests.conftest import free_port
+from tests.security_stack import (REDIS_URL, artifact, artifacts, attack, call, logs_text, new_key,
+                                  prefect_database_bytes, usual_use)
 
 
-def security_section(tmp_path: Path, ns: str, redis_url: str = REDIS_URL, extra: str = "") -> str:
-    return f"""
-[security]
-redis_url = "{redis_url}"
-redis_prefix = "{ns}"
-delivery_dir = "{tmp_path / 'keys'}"
-verify_deadline_seconds = 3
-{extra}
-"""
-
-
-@pytest.fixture
-def stack(sample_db, tmp_path, write_config, ns, slack):
-    port = free_port()
-    argv = [sys.executable, "-m", "demo.service", "--dsn", sample_db, "--port", str(port), "--redis", REDIS_URL,
-            "--key-prefix", ns]
-    text = f"""
-[databases.orders]
-dsn = "{sample_db}"
-[stores.local]
-kind = "local"
-path = "{tmp_path / 'store'}"
-[notify]
-slack_token = "xoxb-test-token"
-slack_api_url = "{slack.url}"
-{runbooks_section(sample_db, port, tmp_path, command=argv, grace_seconds=1)}
-{security_section(tmp_path, ns)}
-"""
-    write_config(text)
-    ctl = load_settings().controller("api")
-    ctl.start()
-    url = f"http://127.0.0.1:{port}"
-    wait_until_ready(url, deadline_seconds=20, interval=0.2)
-    yield {"url": url, "dsn": sample_db, "ns": ns, "tmp": tmp_path, "slack": slack, "ctl": ctl,
-           "text": text}
-    ctl.stop()
-
-
-def new_key(dsn: str, user_id: int = 7, tier: str = "premium",
-            permissions: tuple[str, ...] = ("orders:read", "profile:read")) -> tuple[int, str]:
-    plaintext = f"fq_live_{uuid.uuid4().hex}{uuid.uuid4().hex}"
-    with psycopg.connect(dsn) as conn:
-        key_id = conn.execute("INSERT INTO api_keys (user_id, key_prefix, key_hash, tier, permissions) "
-                              "VALUES (%s, %s, %s, %s, %s) RETURNING id",
-                              (user_id, plaintext[:16], hashlib.sha256(plaintext.encode()).hexdigest(), tier,
-                               list(permissions))).fetchone()[0]
-    return key_id, plaintext
-
-
-def call(url: str, plaintext: str, path: str = "/api/orders", ip: str = "198.51.100.7") -> int:
-    return httpx.get(f"{url}{path}", headers={"Authorization": f"Bearer {plaintext}",
-                                              "X-Forwarded-For": ip}, timeout=10).status_code
-
-
-def usual_use(dsn: str, key_id: int, hours_ago: float = 3, count: int = 30) -> None:
-    """The key's history: orders read from its owner's address, a few hours back."""
-    with psycopg.connect(dsn) as conn:
-        for i in range(count):
-            details = {"api_key_id": key_id, "operation": "orders", "tables": ["orders"],
-                       "fields": ["orders.id", "orders.status", "orders.total_cents"], "ip": "198.51.100.7",
-                       "rows": 10, "status": 200}
-            conn.execute("INSERT INTO audit_logs (actor_user_id, action, target, details, created_at) "
-                         "VALUES (7, 'api.request', %s, %s, now() - %s * interval '1 hour' + %s * interval '1 s')",
-                         (f"api_key:{key_id}", json.dumps(details), hours_ago, i))
-
-
-def attack(url: str, plaintext: str, count: int = 25) -> None:
-    for _ in range(count):
-        assert call(url, plaintext, "/api/profile", ip="203.0.113.66") == 200
-
-
-def artifacts() -> list[dict]:
-    from prefect.client.orchestration import get_client
-
-    with get_client(sync_client=True) as client:
-        return client.request("POST", "/artifacts/filter", json={"limit": 200, "offset": 0,
-                                                                          "sort": "CREATED_DESC"}).json()
-
-
-def artifact(key: str) -> str:
-    found = [a for a in artifacts() if a["key"] == key]
-    assert found, f"no artifact {key}"
-    return json.dumps(found[0]["data"]) if not isinstance(found[0]["data"], str) else found[0]["data"]
-
-
-def logs_text() -> str:
-    from prefect.client.orchestration import get_client
-
-    with get_client(sync_client=True) as client:
-        return "\n".join(entry["message"] for entry in
-                         client.request("POST", "/logs/filter", json={"limit": 200, "offset": 0,
-                                                                     "sort": "TIMESTAMP_DESC"}).json())
-
-
-def prefect_database_bytes() -> bytes:
-    """The test server's SQLite database, with its write-ahead log."""
-    from prefect.settings import get_current_settings
-
-    url = get_current_settings().server.database.connection_url.get_secret_value()
-    path = Path(url.split("///", 1)[1])
-    return b"".join(p.read_bytes() for p in (path, Path(f"{path}-wal")) if p.exists())
-
-
-def test_a_compromised_key_is_revoked_refused_everywhere_and_replaced(stack):
-    url, dsn, ns = stack["url"], stack["dsn"], stack["ns"]
+def test_a_compromised_key_is_revoked_refused_everywhere_and_replaced(security_stack):
+    url, dsn, ns = security_stack["url"], security_stack["dsn"], security_stack["ns"]
     key_id, plaintext = new_key(dsn)
     usual_use(dsn, key_id)
     attack(url, plaintext)  # PII it never read, from a new address, far above its usual rate
@@ -189,15 +68,15 @@ def test_a_compromised_key_is_revoked_refused_everywhere_and_replaced(stack):
 
     # The plaintext of the replacement is nowhere else: logs, artifacts, notifications,
     # the Prefect database; nor is the compromised key's.
-    posted = json.dumps(stack["slack"].requests)
+    posted = json.dumps(security_stack["slack"].requests)
     assert "revoked" in posted  # the notification went out
     for secret in (replacement, plaintext):
         assert secret not in logs_text() and secret not in json.dumps(artifacts()) and secret not in posted
         assert secret.encode() not in prefect_database_bytes()
 
 
-def test_without_the_policy_a_person_must_approve_and_nothing_changes_unanswered(stack):
-    url, dsn = stack["url"], stack["dsn"]
+def test_without_the_policy_a_person_must_approve_and_nothing_changes_unanswered(security_stack):
+    url, dsn = security_stack["url"], security_stack["dsn"]
     key_id, plaintext = new_key(dsn)
     call(url, plaintext)  # one ordinary request: no sign of compromise
     with pytest.raises(NotApproved, match="nobody approved"):
@@ -208,8 +87,8 @@ def test_without_the_policy_a_person_must_approve_and_nothing_changes_unanswered
                             (key_id,)).fetchone() == (None, None)
 
 
-def test_dry_run_and_an_already_revoked_key(stack):
-    url, dsn = stack["url"], stack["dsn"]
+def test_dry_run_and_an_already_revoked_key(security_stack):
+    url, dsn = security_stack["url"], security_stack["dsn"]
     key_id, plaintext = new_key(dsn)
     plan = api_key_revocation(str(key_id), dry_run=True, auto_approve=True)
     assert plan.dry_run and not plan.revoked and call(url, plaintext) == 200
@@ -221,8 +100,8 @@ def test_dry_run_and_an_already_revoked_key(stack):
     assert "already revoked at" in report and "**Outcome:** already revoked" in report
 
 
-def test_a_replacement_is_issued_once(stack):
-    dsn = stack["dsn"]
+def test_a_replacement_is_issued_once(security_stack):
+    dsn = security_stack["dsn"]
     key_id, _ = new_key(dsn)
     first = api_key_revocation(str(key_id), auto_approve=True)
     again = api_key_revocation(str(key_id), auto_approve=True)
@@ -240,8 +119,8 @@ def test_a_replacement_is_issued_once(stack):
     ("fq_", "matches several keys"),
     ("", "give a key id"),
 ], ids=["unknown-id", "percent", "sql-text", "ambiguous-prefix", "empty"])
-def test_bad_key_references_change_nothing(stack, ref, message):
-    dsn = stack["dsn"]
+def test_bad_key_references_change_nothing(security_stack, ref, message):
+    dsn = security_stack["dsn"]
     with psycopg.connect(dsn) as conn:
         before = conn.execute("SELECT count(*), count(revoked_at) FROM api_keys").fetchone()
     with pytest.raises(SecurityError, match=re.escape(message)):
@@ -250,8 +129,8 @@ def test_bad_key_references_change_nothing(stack, ref, message):
         assert conn.execute("SELECT count(*), count(revoked_at) FROM api_keys").fetchone() == before
 
 
-def test_an_ambiguous_prefix_lists_the_keys(stack):
-    dsn = stack["dsn"]
+def test_an_ambiguous_prefix_lists_the_keys(security_stack):
+    dsn = security_stack["dsn"]
     a, _ = new_key(dsn)
     b, _ = new_key(dsn)
     with psycopg.connect(dsn) as conn:
@@ -261,13 +140,13 @@ def test_an_ambiguous_prefix_lists_the_keys(stack):
     assert f"key {a} (fq_live_dupe{a}…" in str(err.value) and f"key {b} (" in str(err.value)
 
 
-def test_redis_down_the_revocation_holds_and_the_cache_step_is_reported(stack, write_config):
-    url, dsn = stack["url"], stack["dsn"]
+def test_redis_down_the_revocation_holds_and_the_cache_step_is_reported(security_stack, write_config):
+    url, dsn = security_stack["url"], security_stack["dsn"]
     key_id, plaintext = new_key(dsn)
     dead = f"redis://127.0.0.1:{free_port()}/0"
-    write_config(stack["text"].replace(f'redis_url = "{REDIS_URL}"', f'redis_url = "{dead}"'))
+    write_config(security_stack["text"].replace(f'redis_url = "{REDIS_URL}"', f'redis_url = "{dead}"'))
     cache = redis.Redis.from_url(REDIS_URL)
-    cache.delete(f"{stack['ns']}apikey:{hashlib.sha256(plaintext.encode()).hexdigest()}")  # nothing stale
+    cache.delete(f"{security_stack['ns']}apikey:{hashlib.sha256(plaintext.encode()).hexdigest()}")  # nothing stale
 
     result = api_key_revocation(str(key_id), auto_approve=True, replace=False)
 
@@ -278,18 +157,18 @@ def test_redis_down_the_revocation_holds_and_the_cache_step_is_reported(stack, w
     assert "the service may accept a cached lookup of the key until it expires" in report
 
 
-def test_the_service_unreachable_fails_clearly_with_the_key_still_revoked(stack):
-    dsn = stack["dsn"]
+def test_the_service_unreachable_fails_clearly_with_the_key_still_revoked(security_stack):
+    dsn = security_stack["dsn"]
     key_id, _ = new_key(dsn)
-    stack["ctl"].stop()
+    security_stack["ctl"].stop()
     with pytest.raises(api_keys.StillAccepted, match=r"unreachable .* after 3s and \d+ tries \(expected 401\)"):
         api_key_revocation(str(key_id), auto_approve=True, replace=False)
     with psycopg.connect(dsn) as conn:
         assert conn.execute("SELECT revoked_at IS NOT NULL FROM api_keys WHERE id = %s", (key_id,)).fetchone()[0]
 
 
-def test_evidence_flags_new_pii_new_addresses_and_a_spike(stack):
-    url, dsn = stack["url"], stack["dsn"]
+def test_evidence_flags_new_pii_new_addresses_and_a_spike(security_stack):
+    url, dsn = security_stack["url"], security_stack["dsn"]
     key_id, plaintext = new_key(dsn)
     usual_use(dsn, key_id, hours_ago=5, count=60)
     for _ in range(3):
