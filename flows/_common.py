@@ -7,8 +7,11 @@ from __future__ import annotations
 import logging
 
 from tasks.config import Settings
+from tasks.errors import ConfigError
 from tasks.notify import Notification, Severity, send
+from tasks.postgres import Database
 from tasks.report import RunReport, first_line
+from tasks.security import SecurityConfig
 
 
 def run_url() -> str | None:
@@ -28,6 +31,19 @@ def announce(settings: Settings, run: RunReport, severity: Severity, text: str,
     body = f"{text}\n{first_line(failed)}" if failed else text
     send(settings.notify, Notification(title=title, text=body, severity=severity,
                                        fields=dict(run.figures), run_url=run_url()))
+
+
+def security_targets(settings: Settings) -> tuple[SecurityConfig, Database, str]:
+    """The [security] section, its database and its service's base URL."""
+    cfg = settings.security
+    if cfg is None:
+        raise ConfigError("no [security] section in runbooks.toml: say which service's keys to manage "
+                          "(docs/api-key-revocation.md)")
+    service = settings.service(cfg.service)
+    name = cfg.database or service.database
+    if name is None:
+        raise ConfigError(f"[security] needs a database: services.{cfg.service} names none")
+    return cfg, settings.database(name), service.base_url
 
 
 _CHATTER = ("Starting temporary server", "Stopping temporary server", "Still processing items")

@@ -10,13 +10,12 @@ from prefect import flow
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from pydantic import BaseModel
 
-from flows._common import announce, run_url
+from flows._common import announce, run_url, security_targets
 from tasks import api_keys
 from tasks.api_keys import ApiKey, Evidence, Replacement
 from tasks.approval import approve
 from tasks.concurrency import exclusive
 from tasks.config import Settings, load_settings
-from tasks.errors import ConfigError
 from tasks.incident_templates import key_compromise_notice
 from tasks.notify import Severity
 from tasks.postgres import Database, connect
@@ -38,19 +37,6 @@ class RevocationResult(BaseModel):
     replacement_id: int | None = None
     delivery_file: str | None = None
     cache_dropped: bool | None = None
-
-
-def security_targets(settings: Settings) -> tuple[SecurityConfig, Database, str]:
-    """The [security] section, its database and its service's base URL."""
-    cfg = settings.security
-    if cfg is None:
-        raise ConfigError("no [security] section in runbooks.toml: say which service's keys to manage "
-                          "(docs/api-key-revocation.md)")
-    service = settings.service(cfg.service)
-    name = cfg.database or service.database
-    if name is None:
-        raise ConfigError(f"[security] needs a database: services.{cfg.service} names none")
-    return cfg, settings.database(name), service.base_url
 
 
 @flow(name="api-key-revocation", log_prints=True)

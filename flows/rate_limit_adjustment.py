@@ -7,17 +7,15 @@ import time
 from datetime import datetime
 from typing import Any
 
-import redis
 from prefect import flow
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from pydantic import BaseModel
 
-from flows._common import announce, run_url
-from flows.api_key_revocation import security_targets
+from flows._common import announce, run_url, security_targets
 from tasks import api_keys, rate_limits
 from tasks.concurrency import exclusive
 from tasks.config import Settings, load_settings
-from tasks.errors import ConfigError, RunbookError
+from tasks.errors import RunbookError
 from tasks.notify import Severity
 from tasks.postgres import Database, connect
 from tasks.prometheus import ErrorRate, MetricsUnavailable, percent, query_value
@@ -60,17 +58,6 @@ def _scope(db: Database, cfg: SecurityConfig, kind: ScopeKind, target: str | Non
     return Scope(kind="key", name=str(key.id), tier=key.tier)
 
 
-def _cache(cfg: SecurityConfig) -> redis.Redis:
-    cache = cfg.cache()
-    if cache is None:
-        raise ConfigError("[security] has no redis_url: the service's limits live in Redis")
-    try:
-        cache.ping()
-    except redis.RedisError as exc:
-        raise SecurityError(f"the service's Redis cannot be reached ({type(exc).__name__}); nothing changed") from None
-    return cache
-
-
 @flow(name="rate-limit-adjustment", log_prints=True)
 def rate_limit_adjustment(scope: ScopeKind, limit: int, target: str | None = None, duration_minutes: float = 60,
                           reason: str = "", permanent: bool = False, force: bool = False,
@@ -109,14 +96,14 @@ def rate_limit_adjustment(scope: ScopeKind, limit: int, target: str | None = Non
     cfg, db, _ = security_targets(settings)
     sc = _scope(db, cfg, scope, target)
     with RunReport("Rate-limit adjustment", sc.label) as run, exclusive("rate-limit", sc.label.replace(" ", "-")):
-        cache = None if permanent and cfg.redis_url is None else _cache(cfg)
+        cache = None if permanent and cfg.redis_url is None else rate_limits.open_cache(cfg)
         with run.step("read the current limit") as step:
             before = rate_limits.read(cache, cfg, sc) if cache else Current(
                 value=rate_limits.default_for(cfg.rate_limits, sc), default=rate_limits.default_for(cfg.rate_limits, sc))
             step.detail = before.describe()
         run.figure("Limit before", before.describe())
         with run.step("assess the traffic") as step:
-            limited_before = _assess(settings, cfg, db, run)
+            limited_before = assess_traffic(settings, cfg, db, run)
             step.detail = f"{percent(limited_before)} of requests limited"
         rate_limits.check_bounds(cfg.rate_limits, sc, limit, duration_minutes, force)
         result = AdjustmentResult(scope=sc.label, old=before.value, new=limit, permanent=permanent,
@@ -172,7 +159,7 @@ def rate_limit_revert(scope: ScopeKind, target: str | None = None, reason: str =
     settings = load_settings()
     cfg, db, _ = security_targets(settings)
     sc = _scope(db, cfg, scope, target)
-    cache = _cache(cfg)
+    cache = rate_limits.open_cache(cfg)
     with RunReport("Rate-limit revert", sc.label) as run, exclusive("rate-limit", sc.label.replace(" ", "-")):
         with run.step("read the override") as step:
             before = rate_limits.read(cache, cfg, sc)
@@ -192,7 +179,7 @@ def rate_limit_revert(scope: ScopeKind, target: str | None = None, reason: str =
         return AdjustmentResult(scope=sc.label, old=before.value, new=after.value)
 
 
-def _assess(settings: Settings, cfg: SecurityConfig, db: Database, run: RunReport) -> float | None:
+def assess_traffic(settings: Settings, cfg: SecurityConfig, db: Database, run: RunReport) -> float | None:
     """The 429 share and the top consumers now, into the report: is it legitimate?"""
     with connect(db) as conn:
         consumers = rate_limits.top_consumers(conn, cfg)

@@ -45,6 +45,18 @@ class Scope(BaseModel):
         return f"{prefix}rate_limit_override:{'global' if self.kind == 'global' else f'{self.kind}:{self.name}'}"
 
 
+def open_cache(cfg: SecurityConfig) -> redis.Redis:
+    """The service's Redis, answering, or a clear error."""
+    cache = cfg.cache()
+    if cache is None:
+        raise ConfigError("[security] has no redis_url: the service's limits live in Redis")
+    try:
+        cache.ping()
+    except redis.RedisError as exc:
+        raise SecurityError(f"the service's Redis cannot be reached ({type(exc).__name__}); nothing changed") from None
+    return cache
+
+
 def check_tier(name: str | None) -> str:
     if not name or not _TIER.fullmatch(name):
         raise SecurityError("a tier name is lowercase letters, digits, '-' and '_' (e.g. premium)")
@@ -164,6 +176,7 @@ def restore(cache: redis.Redis, cfg: SecurityConfig, scope: Scope, record: dict[
 
 
 class Consumer(BaseModel):
+    key_id: int | None
     key_prefix: str
     tier: str | None
     requests: int
@@ -199,7 +212,7 @@ def top_consumers(conn: psycopg.Connection, cfg: SecurityConfig, minutes: float 
     for target, n, limited, addresses, known in rows:
         key_id = int(target.split(":", 1)[1]) if target.split(":", 1)[1].isdigit() else -1
         prefix, tier = info.get(key_id, (target, None))
-        out.append(Consumer(key_prefix=prefix, tier=tier, requests=n, limited=limited, addresses=addresses,
+        out.append(Consumer(key_id=key_id if key_id >= 0 else None, key_prefix=prefix, tier=tier, requests=n, limited=limited, addresses=addresses,
                             known_addresses_share=known / n if n else 0.0))
     return out
 

@@ -28,8 +28,12 @@ def _props(d) -> dict:
 def test_schedules_limits_and_tags_are_the_agreed_ones():
     deployments = _deployments()
     recoveries = {"database-recovery-orders", "data-loss-orders", "database-corruption-orders"}
+    security = {"api-key-revocation", "rate-limit-adjustment", "rate-limit-revert", "ddos-response"}
     assert set(deployments) == {"backup-orders", "restore-test-orders", "backup-retention", "health-check",
-                                "service-restart-api", "incident-response"} | recoveries
+                                "service-restart-api", "incident-response"} | recoveries | security
+    for name in security:  # each holds the slot of the key or limit it changes, not of the deployment
+        d = deployments.pop(name)
+        assert d.concurrency_limit is None and not d.schedules and {"runbook", "security"} <= set(d.tags)
     for name in recoveries:  # a second recovery is refused by the flow itself, naming the first
         d = deployments.pop(name)
         assert d.concurrency_limit is None and not d.schedules and {"runbook", "dr-scenario"} <= set(d.tags)
