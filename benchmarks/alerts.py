@@ -31,7 +31,6 @@ import asyncio
 import json
 import os
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -167,12 +166,10 @@ def drill() -> dict:
     Alertmanager posts, the incident runs service-restart; each moment as the system
     that knows it recorded it."""
     import psycopg
-    import yaml
 
     from demo.sample_data import build
     from demo.service import runbooks_section
-    from tests.e2e.conftest import write_config
-    from tests.e2e.test_alerts import _alertmanager_overlay, _ready, _rules_overlay
+    from tests.e2e.conftest import AlertPorts, alert_sections, alert_stack, ready, write_config
     from tests.slack_standin import running_standin
 
     admin = os.environ.get("RUNBOOKS_TEST_PG", "postgresql://postgres@127.0.0.1:5432/postgres")
@@ -181,87 +178,50 @@ def drill() -> dict:
         conn.execute(f'CREATE DATABASE "{dbname}"')
     dsn = psycopg.conninfo.make_conninfo(admin, dbname=dbname)
     root = Path(tempfile.mkdtemp(prefix="runbooks-bench-drill-"))
-    procs, env = [], {}
-    api_port, prom_port, am_port, receiver_port, ui_port = (free_port() for _ in range(5))
-    api = f"http://127.0.0.1:{ui_port}/api"
+    api_port, ports = free_port(), AlertPorts()
     service = f"http://127.0.0.1:{api_port}"
     try:
         build(dsn, rows=3000)
         with running_standin() as slack:
             config = write_config(root / "runbooks.toml", dsn, root / "backups")
             config.write_text(config.read_text() + runbooks_section(dsn, api_port, root, ready_deadline_seconds=30,
-                                                                    watch_seconds=1) + f"""
-[prometheus]
-url = "http://127.0.0.1:{prom_port}"
-[notify]
-slack_token = "xoxb-bench"
-slack_api_url = "{slack.url}"
-[incidents]
-on_call = ["UONCALL"]
-poll_seconds = 0.5
-""" + alerts_section(TOKEN, "service-down", "service-restart/service-restart-api"))
-            env = base_env(root / "prefect-home", config)
-            for name in ("HTTPS_PROXY", "https_proxy", "HTTP_PROXY", "http_proxy"):
-                env.pop(name, None)
-            ctl = [sys.executable, "-c", "import sys; from tasks.config import load_settings; "
-                   "getattr(load_settings().controller('api'), sys.argv[1])()"]
-            subprocess.run([*ctl, "start"], env=env, check=True, timeout=60, cwd=REPO)
-            procs.append(spawn([str(BIN / "runbooks"), "serve", "--port", str(ui_port), "--receiver-port",
-                                str(receiver_port)], env, root / "serve.log", cwd=root))
-            (root / "token").write_text(TOKEN)
-            am = _alertmanager_overlay(root / "am.yml", f"http://127.0.0.1:{receiver_port}/alerts", root / "token")
-            procs.append(spawn(["prometheus-alertmanager", f"--config.file={am}", f"--storage.path={root / 'am'}",
-                                f"--web.listen-address=127.0.0.1:{am_port}", "--cluster.listen-address=",
-                                "--log.level=warn"], env, root / "am.log", cwd=root))
-            (root / "prom.yml").write_text(yaml.safe_dump({
-                "global": {"scrape_interval": f"{SCRAPE_SECONDS}s", "scrape_timeout": f"{SCRAPE_SECONDS}s",
-                           "evaluation_interval": "1s"},
-                "rule_files": [str(_rules_overlay(root / "rules.yml"))],
-                "alerting": {"alertmanagers": [{"static_configs": [{"targets": [f"127.0.0.1:{am_port}"]}]}]},
-                "scrape_configs": [{"job_name": "api", "static_configs": [{"targets": [f"127.0.0.1:{api_port}"]}]}]}))
-            procs.append(spawn(["prometheus", f"--config.file={root / 'prom.yml'}", f"--storage.tsdb.path={root / 'tsdb'}",
-                                f"--web.listen-address=127.0.0.1:{prom_port}", "--log.level=warn"], env,
-                               root / "prom.log", cwd=root))
-            wait_for(lambda: "Serving " in procs[0].output(), 120, "runbooks serve")
-            wait_for(lambda: _ready(f"http://127.0.0.1:{receiver_port}/healthz"), 30, "the receiver")
-            wait_for(lambda: _ready(f"http://127.0.0.1:{prom_port}/api/v1/query?query=up") and
-                     '"1"]' in httpx.get(f"http://127.0.0.1:{prom_port}/api/v1/query?query=up").text, 60,
-                     "Prometheus scraping the service")
-            wait_for(lambda: _ready(f"{api}/deployments/name/incident-response/incident-response"), 60, "deployments")
-
-            hang = time.time()
-            httpx.post(f"{service}/admin/fault", json={"mode": "hang"}, timeout=5)
-            firing_seen = None
-            while firing_seen is None and time.time() - hang < 120:
-                alerts = httpx.get(f"http://127.0.0.1:{prom_port}/api/v1/alerts", timeout=5).json()["data"]["alerts"]
-                down = [a for a in alerts if a["labels"]["alertname"] == "ServiceDown"]
-                if down and down[0]["state"] == "firing":
-                    firing_seen, pending_at = time.time(), _ts(down[0]["activeAt"])
-                time.sleep(0.05)
-            assert firing_seen, "ServiceDown never fired"
-            with api_client(api) as client:
-                incident = wait_for(lambda: client.post("/flow_runs/filter", json={
-                    "flows": {"name": {"any_": ["incident-response"]}}}).json(), 60, "the incident run")[0]
-                restart = wait_for(lambda: [r for r in client.post("/flow_runs/filter", json={
-                    "flows": {"name": {"any_": ["service-restart"]}}}).json() if r.get("start_time")],
-                    120, "the restart subflow")[0]
-                incident = wait_for(lambda: (r := client.get(f"/flow_runs/{incident['id']}").json()).get(
-                    "start_time") and r, 60, "the incident to start")
-            healthy = None
-            while healthy is None and time.time() - hang < 180:
-                try:
-                    if httpx.get(f"{service}/health", timeout=1).status_code == 200:
-                        healthy = time.time()
-                except httpx.HTTPError:
-                    pass
-                time.sleep(0.05)
-            assert healthy, "the service did not come back"
+                                                                    watch_seconds=1)
+                              + alert_sections(slack.url, ports)
+                              + alerts_section(TOKEN, "service-down", "service-restart/service-restart-api"))
+            with alert_stack(root, config, api_port, TOKEN, ports, ["incident-response/incident-response",
+                                                                    "service-restart/service-restart-api"]) as stack:
+                prom_port, api = ports.prometheus, stack["server"].url
+                wait_for(lambda: ready(f"http://127.0.0.1:{prom_port}/api/v1/query?query=up") and
+                         '"1"]' in httpx.get(f"http://127.0.0.1:{prom_port}/api/v1/query?query=up").text, 60,
+                         "Prometheus scraping the service")
+                hang = time.time()
+                httpx.post(f"{service}/admin/fault", json={"mode": "hang"}, timeout=5)
+                firing_seen = None
+                while firing_seen is None and time.time() - hang < 120:
+                    alerts = httpx.get(f"http://127.0.0.1:{prom_port}/api/v1/alerts", timeout=5).json()["data"]["alerts"]
+                    down = [a for a in alerts if a["labels"]["alertname"] == "ServiceDown"]
+                    if down and down[0]["state"] == "firing":
+                        firing_seen, pending_at = time.time(), _ts(down[0]["activeAt"])
+                    time.sleep(0.05)
+                assert firing_seen, "ServiceDown never fired"
+                with api_client(api) as client:
+                    incident = wait_for(lambda: client.post("/flow_runs/filter", json={
+                        "flows": {"name": {"any_": ["incident-response"]}}}).json(), 60, "the incident run")[0]
+                    restart = wait_for(lambda: [r for r in client.post("/flow_runs/filter", json={
+                        "flows": {"name": {"any_": ["service-restart"]}}}).json() if r.get("start_time")],
+                        120, "the restart subflow")[0]
+                    incident = wait_for(lambda: (r := client.get(f"/flow_runs/{incident['id']}").json()).get(
+                        "start_time") and r, 60, "the incident to start")
+                healthy = None
+                while healthy is None and time.time() - hang < 180:
+                    try:
+                        if httpx.get(f"{service}/health", timeout=1).status_code == 200:
+                            healthy = time.time()
+                    except httpx.HTTPError:
+                        pass
+                    time.sleep(0.05)
+                assert healthy, "the service did not come back"
     finally:
-        for proc in reversed(procs):
-            proc.stop()
-        if env:
-            subprocess.run([sys.executable, "-c", "from tasks.config import load_settings; "
-                            "load_settings().controller('api').stop()"], env=env, timeout=60, cwd=REPO)
         with psycopg.connect(admin, autocommit=True) as conn:
             conn.execute(f'DROP DATABASE IF EXISTS "{dbname}" WITH (FORCE)')
     created, started = _ts(incident["created"]), _ts(incident["start_time"])

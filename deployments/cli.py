@@ -40,6 +40,10 @@ recovery_app = typer.Typer(help="What database recoveries left behind.", no_args
 app.add_typer(recovery_app, name="recovery")
 incident_app = typer.Typer(help="Incidents: list them, acknowledge, resolve.", no_args_is_help=True)
 app.add_typer(incident_app, name="incident")
+key_app = typer.Typer(help="API keys: revoke one, collect a replacement.", no_args_is_help=True)
+app.add_typer(key_app, name="api-key")
+limit_app = typer.Typer(help="Rate limits: show, change for a while, revert.", no_args_is_help=True)
+app.add_typer(limit_app, name="rate-limit")
 class _Out:
     """Prints to whatever sys.stdout/stderr is now (a test runner may swap them);
     wide when piped (a log, a ticket), so ids and DSNs are never cut."""
@@ -91,6 +95,8 @@ def config_check() -> None:
             out.print(f"prometheus: [red]FAILED[/red] {first_line(exc)}")
     for name in sorted(settings.services):
         failed += not _check_service(settings, name, prometheus_ok)
+    if settings.security:
+        failed += not _check_security(settings)
     if failed:
         raise typer.Exit(1)
 
@@ -120,6 +126,39 @@ def _check_service(settings: Settings, name: str, prometheus_ok: bool) -> bool:
         out.print(f"service {name}: [red]UNHEALTHY[/red] {'; '.join(problems)} ({state})")
         return False
     out.print(f"service {name}: ok ({state}; {cfg.base_url} probes pass)")
+    return True
+
+
+def _check_security(settings: Settings) -> bool:
+    """One line: the key and audit tables answer, the service's Redis answers, and its
+    auth check refuses a key that does not exist (how revocations are verified)."""
+    import hashlib
+    import secrets
+
+    import httpx
+    from psycopg import sql
+
+    from flows._common import security_targets
+    from tasks.rate_limits import open_cache
+
+    try:
+        cfg, db, base_url = security_targets(settings)
+        with postgres.connect(db) as conn:
+            for table in (cfg.keys_table, cfg.audit_table):
+                conn.execute(sql.SQL("SELECT 1 FROM {} LIMIT 1").format(cfg.table(table)))
+        cache = "no Redis"
+        if cfg.redis_url is not None:
+            open_cache(cfg).close()
+            cache = "Redis ok"
+        probe = hashlib.sha256(secrets.token_bytes(16)).hexdigest()
+        answer = httpx.post(base_url.rstrip("/") + cfg.auth_check_path, json={"key_hash": probe}, timeout=5)
+        if answer.status_code != 401:
+            raise RunbookError(f"{cfg.auth_check_path} answered {answer.status_code} for an unknown key, not 401")
+    except Exception as exc:  # noqa: BLE001 - one line, whatever failed
+        out.print(f"security: [red]FAILED[/red] {first_line(exc)}")
+        return False
+    out.print(f"security: ok ({cfg.keys_table} and {cfg.audit_table} in {db.name}, {cache}, "
+              f"{cfg.auth_check_path} refuses unknown keys)")
     return True
 
 
@@ -245,6 +284,90 @@ def run_health(metrics_file: Optional[str] = typer.Option(None, help="also write
     from flows.health_check import health_check
 
     health_check(metrics_file=metrics_file)
+
+
+@key_app.command("revoke")
+def key_revoke(key: str = typer.Argument(..., help="the key's id or the start of its prefix"),
+               reason: str = typer.Option("Security incident - suspected compromise", help="stored with it"),
+               replace: bool = typer.Option(True, "--replace/--no-replace", help="issue a replacement key"),
+               yes: bool = typer.Option(False, "--yes", help="revoke without waiting for approval"),
+               dry_run: bool = typer.Option(False, "--dry-run")) -> None:
+    """Runbook 3: revoke KEY, prove the service refuses it, issue its replacement."""
+    from flows.api_key_revocation import api_key_revocation
+
+    result = api_key_revocation(key=key, reason=reason, replace=replace, auto_approve=yes, dry_run=dry_run)
+    if result.delivery_file:
+        out.print(f"replacement key {result.replacement_id}: `runbooks api-key claim {result.delivery_file}` "
+                  "shows it once")
+
+
+@key_app.command("claim")
+def key_claim(path: str = typer.Argument(..., help="the delivery file the revocation named")) -> None:
+    """Print a replacement key from its delivery file, once: the file is deleted."""
+    from pathlib import Path
+
+    from tasks.api_keys import claim
+
+    print(claim(Path(path)))  # the key alone on stdout, for a pipe into a secret store
+
+
+@limit_app.command("show")
+def limit_show() -> None:
+    """The rate-limit overrides in force: scope, value, time left, who and why."""
+    from flows._common import security_targets
+    from tasks import rate_limits
+
+    cfg, _, _ = security_targets(load_settings())
+    cache = rate_limits.open_cache(cfg)
+    default, tiers = rate_limits.defaults(cfg.rate_limits)
+    out.print(f"defaults: {default}/min" + "".join(f", {t} {n}/min" for t, n in sorted(tiers.items())))
+    found = 0
+    for key in sorted(cache.scan_iter(f"{cfg.redis_prefix}rate_limit:*:requests_per_minute")):
+        middle = key.decode().removeprefix(f"{cfg.redis_prefix}rate_limit:").removesuffix(":requests_per_minute")
+        kind, _, name = middle.partition(":")
+        if kind not in ("global", "tier", "key"):
+            continue
+        current = rate_limits.read(cache, cfg, rate_limits.Scope(kind=kind, name=name))  # type: ignore[arg-type]
+        out.print(f"{kind} {name}".strip() + f": {current.describe()}")
+        found += 1
+    if not found:
+        out.print("no overrides: the defaults apply")
+
+
+@limit_app.command("set")
+def limit_set(scope: str = typer.Argument(..., help="global, tier or key"),
+              limit: int = typer.Argument(..., help="requests per minute per key"),
+              target: Optional[str] = typer.Option(None, help="the tier, or the key's id or prefix"),
+              minutes: float = typer.Option(60, help="how long the override lasts"),
+              reason: str = typer.Option("", help="why (recorded)"), by: str = typer.Option("", help="your name"),
+              permanent: bool = typer.Option(False, "--permanent", help="propose a change to the limits file"),
+              force: bool = typer.Option(False, "--force", help="allow a limit beyond the bounds"),
+              watch_seconds: float = typer.Option(300, help="how long to watch it afterwards"),
+              dry_run: bool = typer.Option(False, "--dry-run")) -> None:
+    """Runbook 4: change a rate limit for a while, watch it, record the decision."""
+    from flows.rate_limit_adjustment import rate_limit_adjustment
+
+    _scope_kind(scope)
+    rate_limit_adjustment(scope=scope, limit=limit, target=target, duration_minutes=minutes,  # type: ignore[arg-type]
+                          reason=reason, requested_by=by, permanent=permanent, force=force,
+                          watch_seconds=watch_seconds, dry_run=dry_run)
+
+
+@limit_app.command("revert")
+def limit_revert(scope: str = typer.Argument(..., help="global, tier or key"),
+                 target: Optional[str] = typer.Option(None, help="the tier, or the key's id or prefix"),
+                 reason: str = typer.Option("", help="why (recorded)"),
+                 by: str = typer.Option("", help="your name")) -> None:
+    """Undo a rate-limit override before it expires."""
+    from flows.rate_limit_adjustment import rate_limit_revert
+
+    _scope_kind(scope)
+    rate_limit_revert(scope=scope, target=target, reason=reason, requested_by=by)  # type: ignore[arg-type]
+
+
+def _scope_kind(scope: str) -> None:
+    if scope not in ("global", "tier", "key"):
+        raise RunbookError(f"scope must be global, tier or key (got {scope!r})")
 
 
 @recovery_app.command("cleanup")

@@ -123,7 +123,7 @@ def _revoke_and_replace(settings: Settings, cfg: SecurityConfig, db: Database, b
         elif met:
             run.figure("Approval", f"automatic, {why}")
         else:
-            approve(run, f"revoke {key.describe()}", evidence.lines(), auto=False,
+            approve(run, f"revoke {key.describe()}", [*evidence.lines(), f"Policy: {why}"], auto=False,
                     wait_seconds=max(1, int(approval_timeout_minutes * 60)),
                     before_wait=lambda: announce(settings, run, Severity.HIGH, f"Revoking {key.key_prefix}… "
                                                  f"waits for approval ({why})."))

@@ -5,12 +5,14 @@ in subprocesses, the `runbooks` and `prefect` commands as a user types them."""
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import subprocess
 import sys
 import time
 import uuid
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -18,12 +20,14 @@ from typing import Any
 import httpx
 import psycopg
 import pytest
+import yaml
 
 from deployments.environment import QUIET
 from deployments.spec import PROJECT, read_specs
-from tests.conftest import free_port
+from tests.conftest import free_port, need
 
 BIN = Path(sys.executable).parent
+MONITORING = PROJECT / "monitoring"
 NAMES = {spec.name for spec in read_specs()}  # every deployment of prefect.yaml
 
 
@@ -129,6 +133,7 @@ class Server:
         env = base_env(self.home)
         lease = "PREFECT_SERVER_CONCURRENCY_LEASE_STORAGE"
         env[lease] = QUIET[lease]  # as every server runbooks starts, and the docs ask
+        env["PREFECT_UI_API_URL"] = self.url  # the UI's own calls; it assumes port 4200 otherwise
         if self.db_url:
             env["PREFECT_API_DATABASE_CONNECTION_URL"] = self.db_url
         self.proc = spawn([str(BIN / "prefect"), "server", "start", "--host", "127.0.0.1",
@@ -245,3 +250,184 @@ def served(e2e_config: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterat
     out = proc.output()
     assert code == 0, out[-3000:]
     assert "was never awaited" not in out and "Traceback" not in out, out[-3000:]
+
+
+# --- the alert path: Prometheus, Alertmanager, `runbooks serve` with its receiver --------
+
+
+def _binary(name: str) -> str:
+    path = shutil.which(name)
+    need(path is not None, f"{name} is not installed (Debian: prometheus, prometheus-alertmanager)")
+    return str(path)
+
+
+def ready(url: str) -> bool:
+    try:
+        return httpx.get(url, timeout=1).status_code == 200
+    except httpx.HTTPError:
+        return False
+
+
+def _rules_overlay(path: Path) -> Path:
+    """The repository's rules with `for:` cut to 2 s, as a test cannot wait a minute."""
+    rules = yaml.safe_load((MONITORING / "rules.yml").read_text())
+    for group in rules["groups"]:
+        for rule in group["rules"]:
+            rule["for"] = "2s"
+    path.write_text(yaml.safe_dump(rules))
+    return path
+
+
+def _alertmanager_overlay(path: Path, receiver_url: str, token_file: Path) -> Path:
+    config = yaml.safe_load((MONITORING / "alertmanager.yml").read_text())
+    config["route"].update(group_wait="1s", group_interval="2s", repeat_interval="2s")
+    for sub in config["route"].get("routes", []):
+        sub["group_wait"] = "1s"
+    hook = config["receivers"][0]["webhook_configs"][0]
+    hook["url"] = receiver_url
+    hook["http_config"]["authorization"]["credentials_file"] = str(token_file)
+    path.write_text(yaml.safe_dump(config))
+    return path
+
+
+@dataclass
+class AlertPorts:
+    prometheus: int = field(default_factory=free_port)
+    alertmanager: int = field(default_factory=free_port)
+    receiver: int = field(default_factory=free_port)
+
+
+def alert_sections(slack_url: str, ports: AlertPorts) -> str:
+    """[prometheus], [notify] (Slack's stand-in) and [incidents] for an alert drill."""
+    return f"""
+[prometheus]
+url = "http://127.0.0.1:{ports.prometheus}"
+
+[notify]
+slack_token = "xoxb-e2e-token"
+slack_api_url = "{slack_url}"
+slack_signing_secret = "e2e-signing-secret"
+
+[incidents]
+on_call = ["UONCALL"]
+poll_seconds = 0.5
+"""
+
+
+@contextmanager
+def alert_stack(root: Path, config: Path, api_port: int, token: str, ports: AlertPorts,
+                deployments: list[str]) -> Iterator[dict[str, Any]]:
+    """A Prefect server; the demo service (`[services.api]` of `config`) started by its
+    controller; `runbooks serve` with its receiver; Alertmanager posting to it with the
+    repository's config; Prometheus scraping the service as job "api" with the
+    repository's rules (waits made short). Everything stopped afterwards."""
+    prometheus, alertmanager = _binary("prometheus"), _binary("prometheus-alertmanager")
+    procs: list[Proc] = []
+    server = start_server(root / "prefect-home")
+    env = base_env(root / "client", config, server.url)
+    for name in ("HTTPS_PROXY", "https_proxy", "HTTP_PROXY", "http_proxy"):
+        env.pop(name, None)  # slack_sdk would send loopback through a proxy
+    controller = "from tasks.config import load_settings; load_settings().controller('api')"
+    try:
+        subprocess.run([sys.executable, "-c", f"{controller}.start()"], env=env, check=True, timeout=60)
+        wait_for(lambda: ready(f"http://127.0.0.1:{api_port}/ready"), 30, "the demo service")
+        serve = spawn([str(BIN / "runbooks"), "serve", "--receiver-port", str(ports.receiver)], env,
+                      root / "serve.log", cwd=root)
+        procs.append(serve)
+        token_file = root / "token"
+        token_file.write_text(token)
+        am_config = _alertmanager_overlay(root / "alertmanager.yml", f"http://127.0.0.1:{ports.receiver}/alerts",
+                                          token_file)
+        procs.append(spawn([alertmanager, f"--config.file={am_config}", f"--storage.path={root / 'am'}",
+                            f"--web.listen-address=127.0.0.1:{ports.alertmanager}", "--cluster.listen-address=",
+                            "--log.level=warn"], env, root / "alertmanager.log", cwd=root))
+        prom_config = root / "prometheus.yml"
+        prom_config.write_text(yaml.safe_dump({
+            "global": {"scrape_interval": "1s", "scrape_timeout": "1s", "evaluation_interval": "1s"},
+            "rule_files": [str(_rules_overlay(root / "rules.yml"))],
+            "alerting": {"alertmanagers": [{"static_configs": [{"targets": [f"127.0.0.1:{ports.alertmanager}"]}]}]},
+            "scrape_configs": [{"job_name": "api", "static_configs": [{"targets": [f"127.0.0.1:{api_port}"]}]}],
+        }))
+        procs.append(spawn([prometheus, f"--config.file={prom_config}", f"--storage.tsdb.path={root / 'tsdb'}",
+                            f"--web.listen-address=127.0.0.1:{ports.prometheus}", "--log.level=warn"],
+                           env, root / "prometheus.log", cwd=root))
+        wait_for(lambda: ready(f"http://127.0.0.1:{ports.alertmanager}/-/ready"), 30, "alertmanager")
+        wait_for(lambda: ready(f"http://127.0.0.1:{ports.prometheus}/-/ready"), 30, "prometheus")
+        wait_for(lambda: "Serving " in serve.output(), 90, "runbooks serve")
+        wait_for(lambda: ready(f"http://127.0.0.1:{ports.receiver}/healthz"), 30, "the receiver in serve")
+
+        def registered() -> bool:
+            with server.api() as client:
+                return all(client.get(f"/deployments/name/{name}").status_code == 200 for name in deployments)
+
+        wait_for(registered, 60, "the deployments")
+        yield {"server": server, "env": env, "root": root, "api": f"http://127.0.0.1:{api_port}",
+               "prometheus": f"http://127.0.0.1:{ports.prometheus}", "receiver": f"http://127.0.0.1:{ports.receiver}",
+               "serve": serve, "ui": server.url.removesuffix("/api")}
+    finally:
+        for proc in reversed(procs):
+            proc.stop()
+        subprocess.run([sys.executable, "-c", f"{controller}.stop()"], env=base_env(root / "client", config),
+                       timeout=60)
+        server.stop()
+
+
+# --- the Prefect UI in a real browser (Debian's chromium driven by playwright) ----------
+
+SHOTS = PROJECT / "test-output" / "ui"
+CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
+# Without the networking flags chromium keeps dialling hosts this machine cannot reach.
+FLAGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-sync",
+         "--disable-background-networking", "--disable-component-update"]
+
+
+@pytest.fixture(scope="module")
+def page() -> Iterator:
+    need(shutil.which("chromium") is not None, "chromium is not installed (apt-get install chromium)")
+    from playwright.sync_api import sync_playwright
+
+    SHOTS.mkdir(parents=True, exist_ok=True)
+    with sync_playwright() as pw:
+        browser = pw.chromium.launch(executable_path=CHROMIUM, args=FLAGS)
+        page = browser.new_page(viewport={"width": 1400, "height": 1100})
+        page.set_default_timeout(30_000)
+        yield page
+        browser.close()
+
+
+def custom_run_form(page, served: dict[str, Any], deployment: str) -> None:
+    """The deployment's page (found in the list the way a person does), then Run > Custom
+    run. A failure leaves a screenshot of where it stopped in test-output/ui/."""
+    try:
+        page.goto(f"{served['ui']}/deployments")
+        page.get_by_placeholder("Search deployments").fill(deployment)
+        page.get_by_role("link", name=deployment, exact=True).first.click()  # (then its flow's link)
+        page.get_by_role("button", name="Run", exact=True).click()
+        page.get_by_text("Custom run").click()
+        page.get_by_text("Parameters", exact=True).wait_for()
+        page.wait_for_load_state("networkidle")
+    except Exception:
+        page.screenshot(path=str(SHOTS / f"failed-run-form-{deployment}.png"), full_page=True)
+        raise
+
+
+def submit_form(page, attempts: int = 3) -> None:
+    """Submit the run form; when the UI says "Something went wrong" and stays on the form
+    (the SQLite-backed server answered 503 while busy), submit again, as a person would."""
+    for attempt in range(attempts):
+        page.get_by_role("button", name="Submit").click()
+        try:
+            page.wait_for_url(lambda url: not url.split("?")[0].endswith("/run"), timeout=15_000)
+            return
+        except Exception:
+            if attempt == attempts - 1 or page.get_by_text("Something went wrong").count() == 0:
+                raise
+
+
+def choose(page, index: int, option: str) -> None:
+    """Pick `option` in the form's index-th dropdown (it opens from the keyboard)."""
+    page.locator(".p-select-button__control").nth(index).focus()
+    page.keyboard.press("ArrowDown")
+    page.locator(".p-select-option", has_text=option).first.click()
+
+

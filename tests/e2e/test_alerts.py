@@ -8,135 +8,34 @@ incident, with its post-incident report."""
 
 from __future__ import annotations
 
-import shutil
-import subprocess
-import sys
 import time
 from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
-import yaml
 
 from demo.service import runbooks_section
-from tests.conftest import free_port, need
-from tests.e2e.conftest import (BIN, Proc, alerts_section, base_env, run, spawn, start_server, wait_final, wait_for,
-                                write_config)
+from tests.conftest import free_port
+from tests.e2e.conftest import (BIN, AlertPorts, alert_sections, alert_stack, alerts_section, run, wait_final,
+                                wait_for, write_config)
 from tests.slack_standin import running_standin
 
-MONITORING = Path(__file__).resolve().parents[2] / "monitoring"
 TOKEN = "e2e-receiver-token"
-
-
-def _binary(name: str) -> str:
-    path = shutil.which(name)
-    need(path is not None, f"{name} is not installed (Debian: prometheus, prometheus-alertmanager)")
-    return str(path)
-
-
-def _ready(url: str) -> bool:
-    try:
-        return httpx.get(url, timeout=1).status_code == 200
-    except httpx.HTTPError:
-        return False
-
-
-def _rules_overlay(path: Path) -> Path:
-    """The repository's rules with `for:` cut to 2 s, as a test cannot wait a minute."""
-    rules = yaml.safe_load((MONITORING / "rules.yml").read_text())
-    for group in rules["groups"]:
-        for rule in group["rules"]:
-            rule["for"] = "2s"
-    path.write_text(yaml.safe_dump(rules))
-    return path
-
-
-def _alertmanager_overlay(path: Path, receiver_url: str, token_file: Path) -> Path:
-    config = yaml.safe_load((MONITORING / "alertmanager.yml").read_text())
-    config["route"].update(group_wait="1s", group_interval="2s", repeat_interval="2s")
-    for sub in config["route"].get("routes", []):
-        sub["group_wait"] = "1s"
-    hook = config["receivers"][0]["webhook_configs"][0]
-    hook["url"] = receiver_url
-    hook["http_config"]["authorization"]["credentials_file"] = str(token_file)
-    path.write_text(yaml.safe_dump(config))
-    return path
 
 
 @pytest.fixture(scope="module")
 def drill(e2e_database: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
-    prometheus, alertmanager = _binary("prometheus"), _binary("prometheus-alertmanager")
     root = tmp_path_factory.mktemp("alerts")
-    api_port, prom_port, am_port, receiver_port = free_port(), free_port(), free_port(), free_port()
-    procs: list[Proc] = []
+    api_port, ports = free_port(), AlertPorts()
     with running_standin() as slack:
         config = write_config(root / "runbooks.toml", e2e_database, root / "backups")
         config.write_text(config.read_text() + f"""
 {runbooks_section(e2e_database, api_port, root, grace_seconds=1, ready_deadline_seconds=30, watch_seconds=1)}
-[prometheus]
-url = "http://127.0.0.1:{prom_port}"
-
-[notify]
-slack_token = "xoxb-e2e-token"
-slack_api_url = "{slack.url}"
-slack_signing_secret = "e2e-signing-secret"
-
-[incidents]
-on_call = ["UONCALL"]
-poll_seconds = 0.5
-""" + alerts_section(TOKEN, "service-down", "service-restart/service-restart-api"))
-        server = start_server(root / "prefect-home")
-        try:
-            env = base_env(root / "client", config, server.url)
-            for name in ("HTTPS_PROXY", "https_proxy", "HTTP_PROXY", "http_proxy"):
-                env.pop(name, None)  # slack_sdk would send loopback through a proxy
-            subprocess.run([sys.executable, "-c", "from tasks.config import load_settings; "
-                            "load_settings().controller('api').start()"], env=env, check=True, timeout=60)
-            wait_for(lambda: _ready(f"http://127.0.0.1:{api_port}/ready"), 30, "the demo service")
-            serve = spawn([str(BIN / "runbooks"), "serve", "--receiver-port", str(receiver_port)], env,
-                          root / "serve.log", cwd=root)
-            procs.append(serve)
-            token = root / "token"
-            token.write_text(TOKEN)
-            am_config = _alertmanager_overlay(root / "alertmanager.yml",
-                                              f"http://127.0.0.1:{receiver_port}/alerts", token)
-            procs.append(spawn([alertmanager, f"--config.file={am_config}", f"--storage.path={root / 'am'}",
-                                f"--web.listen-address=127.0.0.1:{am_port}", "--cluster.listen-address=",
-                                "--log.level=warn"], env, root / "alertmanager.log", cwd=root))
-            prom_config = root / "prometheus.yml"
-            prom_config.write_text(yaml.safe_dump({
-                "global": {"scrape_interval": "1s", "scrape_timeout": "1s", "evaluation_interval": "1s"},
-                "rule_files": [str(_rules_overlay(root / "rules.yml"))],
-                "alerting": {"alertmanagers": [{"static_configs": [{"targets": [f"127.0.0.1:{am_port}"]}]}]},
-                "scrape_configs": [{"job_name": "api",
-                                    "static_configs": [{"targets": [f"127.0.0.1:{api_port}"]}]}],
-            }))
-            procs.append(spawn([prometheus, f"--config.file={prom_config}", f"--storage.tsdb.path={root / 'tsdb'}",
-                                f"--web.listen-address=127.0.0.1:{prom_port}", "--log.level=warn"],
-                               env, root / "prometheus.log", cwd=root))
-            wait_for(lambda: _ready(f"http://127.0.0.1:{am_port}/-/ready"), 30, "alertmanager")
-            wait_for(lambda: _ready(f"http://127.0.0.1:{prom_port}/-/ready"), 30, "prometheus")
-            wait_for(lambda: "Serving " in serve.output(), 90, "runbooks serve")
-            wait_for(lambda: _ready(f"http://127.0.0.1:{receiver_port}/healthz"), 30, "the receiver in serve")
-
-            def registered() -> bool:
-                with server.api() as client:
-                    return all(client.get(f"/deployments/name/{name}").status_code == 200
-                               for name in ("service-restart/service-restart-api", "incident-response/incident-response"))
-
-            wait_for(registered, 60, "the deployments")
-            yield {"server": server, "env": env, "root": root, "api": f"http://127.0.0.1:{api_port}",
-                   "prometheus": f"http://127.0.0.1:{prom_port}", "receiver": f"http://127.0.0.1:{receiver_port}",
-                   "serve": serve, "slack": slack}
-        finally:
-            for proc in reversed(procs):
-                proc.stop()
-            subprocess.run([sys.executable, "-c", "from tasks.config import load_settings; "
-                            "load_settings().controller('api').stop()"], env=base_env(root / "client", config),
-                           timeout=60)
-            server.stop()
+""" + alert_sections(slack.url, ports) + alerts_section(TOKEN, "service-down", "service-restart/service-restart-api"))
+        with alert_stack(root, config, api_port, TOKEN, ports,
+                         ["service-restart/service-restart-api", "incident-response/incident-response"]) as stack:
+            yield {**stack, "slack": slack}
 
 
 def _runs(client: httpx.Client, flow: str) -> list[dict[str, Any]]:

@@ -5,43 +5,9 @@ Screenshots go to test-output/ui/."""
 from __future__ import annotations
 
 import re
-import shutil
-from collections.abc import Iterator
 
-import pytest
-
-from deployments.spec import PROJECT
-from tests.conftest import need
-from tests.e2e.conftest import BIN, api_client, deployments_by_name, run, wait_final, wait_for
-
-SHOTS = PROJECT / "test-output" / "ui"
-CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
-# Without the networking flags chromium keeps dialling hosts this machine cannot reach.
-FLAGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-sync",
-         "--disable-background-networking", "--disable-component-update"]
-
-
-@pytest.fixture(scope="module")
-def page() -> Iterator:
-    need(shutil.which("chromium") is not None, "chromium is not installed (apt-get install chromium)")
-    from playwright.sync_api import sync_playwright
-
-    SHOTS.mkdir(parents=True, exist_ok=True)
-    with sync_playwright() as pw:
-        browser = pw.chromium.launch(executable_path=CHROMIUM, args=FLAGS)
-        page = browser.new_page(viewport={"width": 1400, "height": 1100})
-        page.set_default_timeout(30_000)
-        yield page
-        browser.close()
-
-
-def _custom_run_form(page, served, deployment: str) -> None:
-    page.goto(f"{served['ui']}/deployments")
-    page.get_by_role("link", name=deployment, exact=True).click()
-    page.get_by_role("button", name="Run", exact=True).click()
-    page.get_by_text("Custom run").click()
-    page.get_by_text("Parameters", exact=True).wait_for()
-    page.wait_for_load_state("networkidle")
+from tests.e2e.conftest import (BIN, SHOTS, api_client, choose, custom_run_form, deployments_by_name, run,
+                                submit_form, wait_final, wait_for)
 
 
 def test_restore_test_started_from_its_form_completes_with_its_report(served, page):
@@ -49,7 +15,7 @@ def test_restore_test_started_from_its_form_completes_with_its_report(served, pa
     assert backup.returncode == 0, backup.stdout + backup.stderr
     backup_id = re.search(r"Backup id: (\S+)", backup.stdout).group(1)
 
-    _custom_run_form(page, served, "restore-test-orders")
+    custom_run_form(page, served, "restore-test-orders")
     page.get_by_text("The database target whose backup is tested").wait_for()
     page.get_by_text("One backup to test").wait_for()
     assert page.get_by_text("orders", exact=True).count() >= 1  # the dropdown shows the configured target
@@ -60,7 +26,7 @@ def test_restore_test_started_from_its_form_completes_with_its_report(served, pa
     with api_client(served["url"]) as client:
         before = {r["id"] for r in _runs(client, "restore-test-orders")}
     try:
-        _submit(page)
+        submit_form(page)
     finally:
         page.screenshot(path=str(SHOTS / "1b-after-submit.png"), full_page=True)
     with api_client(served["url"]) as client:
@@ -85,7 +51,7 @@ def test_restore_test_started_from_its_form_completes_with_its_report(served, pa
 
 
 def test_the_retention_form_asks_before_it_deletes(served, page):
-    _custom_run_form(page, served, "backup-retention")
+    custom_run_form(page, served, "backup-retention")
     page.get_by_text("Delete without asking").wait_for()
     switches = page.get_by_role("switch")
     states = [switches.nth(i).is_checked() for i in range(switches.count())]
@@ -137,12 +103,12 @@ def test_an_incident_declared_from_its_form_is_acknowledged_and_resolved_from_a_
     """A person declares an incident no alert caught in the UI's form (title, severity),
     acknowledges and resolves it with `runbooks incident`, and reads its report."""
     title = "Checkout fails for EU customers (declared in the UI)"
-    _custom_run_form(page, served, "incident-response")
+    custom_run_form(page, served, "incident-response")
     page.get_by_text("What is wrong, in a line").wait_for()
     page.locator("textarea").first.fill(title)
-    _choose(page, 0, "HIGH")  # severity
+    choose(page, 0, "HIGH")  # severity
     page.screenshot(path=str(SHOTS / "7-incident-form.png"), full_page=True)
-    _submit(page)
+    submit_form(page)
 
     listed = wait_for(lambda: (r := run([str(BIN / "runbooks"), "incident", "list"], served["env"])).returncode == 0
                       and title[:20] in r.stdout and r, 90, "the incident to be declared")
@@ -163,26 +129,6 @@ def test_an_incident_declared_from_its_form_is_acknowledged_and_resolved_from_a_
     page.get_by_text("resolved by ann: rolled back").first.wait_for()
     assert page.get_by_text("acknowledged by ann via cli").count() >= 1  # in the timeline
     page.screenshot(path=str(SHOTS / "8-incident-report.png"), full_page=True)
-
-
-def _submit(page, attempts: int = 3) -> None:
-    """Submit the run form; when the UI says "Something went wrong" and stays on the form
-    (the SQLite-backed server answered 503 while busy), submit again, as a person would."""
-    for attempt in range(attempts):
-        page.get_by_role("button", name="Submit").click()
-        try:
-            page.wait_for_url(lambda url: not url.split("?")[0].endswith("/run"), timeout=15_000)
-            return
-        except Exception:
-            if attempt == attempts - 1 or page.get_by_text("Something went wrong").count() == 0:
-                raise
-
-
-def _choose(page, index: int, option: str) -> None:
-    """Pick `option` in the form's index-th dropdown (it opens from the keyboard)."""
-    page.locator(".p-select-button__control").nth(index).focus()
-    page.keyboard.press("ArrowDown")
-    page.locator(".p-select-option", has_text=option).first.click()
 
 
 def _runs(client, deployment: str) -> list[dict]:
