@@ -108,9 +108,10 @@ class KeyLabels:
 
 
 def source_ip(request: Request) -> str:
-    """The caller's address; behind a proxy on loopback, the first X-Forwarded-For hop."""
+    """The caller's address; behind a proxy on loopback, the address that proxy added
+    (the last X-Forwarded-For entry: the ones before it are the client's to invent)."""
     peer = request.client.host if request.client else "unknown"
-    forwarded = request.headers.get("x-forwarded-for", "").split(",")[0].strip()
+    forwarded = request.headers.get("x-forwarded-for", "").split(",")[-1].strip()
     return forwarded if forwarded and peer in ("127.0.0.1", "::1") else peer
 
 
@@ -229,7 +230,8 @@ def create_app(settings: ServiceSettings) -> FastAPI:
     ns = settings.key_prefix
 
     def lookup(conn: psycopg.Connection, digest: str) -> tuple[dict[str, Any] | None, str]:
-        """The key behind a hash, from the cache or the database: (key, "") or (None, why)."""
+        """The key behind a hash, from the cache or the database: (key, "") when it may be
+        used, (key, "revoked") or (None, "unknown") when not."""
         cached = None
         if cache is not None:
             try:
@@ -242,9 +244,9 @@ def create_app(settings: ServiceSettings) -> FastAPI:
                            "FROM api_keys WHERE key_hash = %s", (digest,)).fetchone()
         if row is None:
             return None, "unknown"
-        if row[5]:
-            return None, "revoked"
         key = {"id": row[0], "user_id": row[1], "tier": row[2], "prefix": row[3], "permissions": list(row[4])}
+        if row[5]:
+            return key, "revoked"  # known, so its refused attempts land in its own audit trail
         if cache is not None:
             try:
                 cache.set(f"{ns}apikey:{digest}", json.dumps(key), ex=settings.key_cache_seconds)
@@ -290,10 +292,10 @@ def create_app(settings: ServiceSettings) -> FastAPI:
                 else:
                     key, why = lookup(conn, hashlib.sha256(raw.strip().encode()).hexdigest())
                 label = key_label(key["prefix"] if key else None)
-                if key is None:
+                if key is None or why:
                     auth_failures.labels(why).inc()
                     key_requests.labels(label, "401").inc()
-                    audit(conn, None, operation, 401, ip, t0=t0)
+                    audit(conn, key, operation, 401, ip, t0=t0)
                     return JSONResponse({"error": "missing or malformed API key" if why == "missing"
                                          else "unknown or revoked API key"}, status_code=401)
                 if permission not in key["permissions"]:
@@ -352,7 +354,7 @@ def create_app(settings: ServiceSettings) -> FastAPI:
                 key, why = lookup(conn, body.key_hash)
         except psycopg.Error:
             return JSONResponse({"error": "database unavailable"}, status_code=503)
-        if key is None:
+        if key is None or why:
             return JSONResponse({"status": 401, "reason": why}, status_code=401)
         return JSONResponse({"status": 200, "key_prefix": key["prefix"]})
 

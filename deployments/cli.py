@@ -308,16 +308,20 @@ def key_claim(path: str = typer.Argument(..., help="the delivery file the revoca
 
     from tasks.api_keys import claim
 
-    print(claim(Path(path)))  # the key alone on stdout, for a pipe into a secret store
+    from flows._common import security_targets
+
+    cfg, _, _ = security_targets(load_settings())
+    print(claim(Path(path), cfg.delivery_dir))  # the key alone on stdout, for a pipe into a secret store
 
 
 @limit_app.command("show")
 def limit_show() -> None:
     """The rate-limit overrides in force: scope, value, time left, who and why."""
     from flows._common import security_targets
+    from flows.rate_limit_adjustment import resolve_scope
     from tasks import rate_limits
 
-    cfg, _, _ = security_targets(load_settings())
+    cfg, db, _ = security_targets(load_settings())
     cache = rate_limits.open_cache(cfg)
     default, tiers = rate_limits.defaults(cfg.rate_limits)
     out.print(f"defaults: {default}/min" + "".join(f", {t} {n}/min" for t, n in sorted(tiers.items())))
@@ -327,7 +331,11 @@ def limit_show() -> None:
         kind, _, name = middle.partition(":")
         if kind not in ("global", "tier", "key"):
             continue
-        current = rate_limits.read(cache, cfg, rate_limits.Scope(kind=kind, name=name))  # type: ignore[arg-type]
+        try:
+            scope = resolve_scope(db, cfg, kind, name or None, any_tier=True)  # type: ignore[arg-type]
+        except RunbookError:  # e.g. an override left for a key that is gone
+            scope = rate_limits.Scope(kind=kind, name=name)  # type: ignore[arg-type]
+        current = rate_limits.read(cache, cfg, scope)
         out.print(f"{kind} {name}".strip() + f": {current.describe()}")
         found += 1
     if not found:

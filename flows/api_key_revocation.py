@@ -78,13 +78,17 @@ def api_key_revocation(key: str, reason: str = DEFAULT_REASON, replace: bool = T
     settings = load_settings()
     cfg, db, base_url = security_targets(settings)
     started = time.monotonic()
-    with RunReport("API key revocation", key) as run:
+    if alerted_at is not None and alerted_at.tzinfo is None:
+        alerted_at = alerted_at.replace(tzinfo=timezone.utc)  # a time without a zone is UTC
+    with RunReport("API key revocation", api_keys.shown(cfg, key)) as run:
         with run.step("look up the key") as step:
             with connect(db) as conn:
                 found = api_keys.find(conn, cfg, key)
             step.detail = found.describe()
         run.target = f"key {found.id} ({found.key_prefix}…)"
         with exclusive("api-key", str(found.id)):
+            with connect(db) as conn:  # as it is now that this run holds the key: another may have acted
+                found = api_keys.find(conn, cfg, str(found.id))
             with run.step("gather evidence") as step:
                 with connect(db) as conn:
                     evidence = api_keys.gather_evidence(conn, cfg, found)
@@ -162,7 +166,7 @@ def _revoke_and_replace(settings: Settings, cfg: SecurityConfig, db: Database, b
         result.replacement_id, result.delivery_file = replacement.id, str(replacement.delivery_file)
         run.figure("Replacement", f"key {replacement.id} ({replacement.key_prefix}…), same owner, tier "
                    f"{key.tier}, permissions {', '.join(key.permissions)}; plaintext only in "
-                   f"{replacement.delivery_file}")
+                   f"{replacement.delivery_file} (`runbooks api-key claim` reads it once)")
     with run.step("write the ticket and the notices"):
         _publish_notices(settings, key, evidence, reason, result, replacement, incident)
     run.outcome = "revoked" if result.revoked else "already revoked"

@@ -15,6 +15,7 @@ from flows._common import announce, security_targets
 from flows.rate_limit_adjustment import assess_traffic
 from tasks import rate_limits
 from tasks.approval import approve
+from tasks.concurrency import exclusive
 from tasks.config import load_settings
 from tasks.notify import Severity
 from tasks.postgres import connect
@@ -123,9 +124,11 @@ def ddos_response(duration_minutes: float = 60, auto_approve: bool = False, dry_
                                              "flood wait for approval: " + "; ".join(_line(p) for p in proposals)))
         with run.step("apply the limits") as step:
             for p in proposals:
-                before = rate_limits.read(cache, cfg, p.scope)
-                rate_limits.set_override(cache, cfg, p.scope, p.new, duration_minutes, "ddos-response",
-                                         f"DDoS response{f' ({incident})' if incident else ''}: {p.why}", before)
+                rate_limits.check_bounds(cfg.rate_limits, p.scope, p.new, duration_minutes, force=True)
+                with exclusive("rate-limit", p.scope.slug):  # as rate-limit-adjustment holds it
+                    before = rate_limits.read(cache, cfg, p.scope)
+                    rate_limits.set_override(cache, cfg, p.scope, p.new, duration_minutes, "ddos-response",
+                                             f"DDoS response{f' ({incident})' if incident else ''}: {p.why}", before)
             step.detail = f"{len(proposals)} overrides for {duration_minutes:g} min"
         result.applied = True
         run.outcome = "applied"

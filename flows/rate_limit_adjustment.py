@@ -44,13 +44,23 @@ class RevertedEarly(RunbookError):
     """The error rate passed its threshold while the new limit was in force; undone."""
 
 
-def _scope(db: Database, cfg: SecurityConfig, kind: ScopeKind, target: str | None) -> Scope:
+def resolve_scope(db: Database, cfg: SecurityConfig, kind: ScopeKind, target: str | None,
+                  any_tier: bool = False) -> Scope:
+    """The scope a person named; a tier no key has is refused (a typo would change
+    nothing) unless `any_tier`."""
     if kind == "global":
         if target:
             raise SecurityError("a global limit takes no target; nothing changed")
         return Scope(kind="global")
     if kind == "tier":
-        return Scope(kind="tier", name=rate_limits.check_tier(target))
+        tier = rate_limits.check_tier(target)
+        if not any_tier:
+            with connect(db) as conn:
+                used = rate_limits.tiers_in_use(conn, cfg)
+            if tier not in used:
+                raise SecurityError(f"no key has the tier {tier!r} (tiers in use: {', '.join(used) or 'none'}); "
+                                    "pass force to set it anyway. Nothing changed")
+        return Scope(kind="tier", name=tier)
     if not target:
         raise SecurityError("a key limit needs the key's id or prefix as target; nothing changed")
     with connect(db) as conn:
@@ -94,8 +104,8 @@ def rate_limit_adjustment(scope: ScopeKind, limit: int, target: str | None = Non
     """
     settings = load_settings()
     cfg, db, _ = security_targets(settings)
-    sc = _scope(db, cfg, scope, target)
-    with RunReport("Rate-limit adjustment", sc.label) as run, exclusive("rate-limit", sc.label.replace(" ", "-")):
+    sc = resolve_scope(db, cfg, scope, target, any_tier=force)
+    with RunReport("Rate-limit adjustment", sc.label) as run, exclusive("rate-limit", sc.slug):
         cache = None if permanent and cfg.redis_url is None else rate_limits.open_cache(cfg)
         with run.step("read the current limit") as step:
             before = rate_limits.read(cache, cfg, sc) if cache else Current(
@@ -130,10 +140,14 @@ def rate_limit_adjustment(scope: ScopeKind, limit: int, target: str | None = Non
                 result.limited_after = _watch(settings, cfg, db, run, watch_seconds)
                 step.detail = f"{percent(result.limited_after)} limited (was {percent(limited_before)})"
         except RevertedEarly as exc:
-            restored = rate_limits.restore(cache, cfg, sc, rate_limits.read(cache, cfg, sc).record)
-            run.figure("Reverted", f"to {restored}: {exc}")
-            announce(settings, run, Severity.HIGH, f"The {sc.label} limit of {limit}/min was reverted to "
-                     f"{restored}: {exc}", failed=exc)
+            now = rate_limits.read(cache, cfg, sc)
+            if now.override in (limit, None):  # ours, or expired: put back what this run found
+                said = "reverted to " + rate_limits.restore(cache, cfg, sc, rate_limits.undo_record(before))
+            else:
+                said = f"not reverted: someone set {now.override}/min meanwhile ({now.record.get('by', 'unknown')})"
+            run.figure("Reverted", f"{said}: {exc}")
+            announce(settings, run, Severity.HIGH, f"The {sc.label} limit of {limit}/min was {said}: {exc}",
+                     failed=exc)
             raise
         _decision(settings, run, sc, before, limit, result.until, who, reason, None)
         run.outcome = "adjusted"
@@ -158,9 +172,9 @@ def rate_limit_revert(scope: ScopeKind, target: str | None = None, reason: str =
     """
     settings = load_settings()
     cfg, db, _ = security_targets(settings)
-    sc = _scope(db, cfg, scope, target)
+    sc = resolve_scope(db, cfg, scope, target, any_tier=True)
     cache = rate_limits.open_cache(cfg)
-    with RunReport("Rate-limit revert", sc.label) as run, exclusive("rate-limit", sc.label.replace(" ", "-")):
+    with RunReport("Rate-limit revert", sc.label) as run, exclusive("rate-limit", sc.slug):
         with run.step("read the override") as step:
             before = rate_limits.read(cache, cfg, sc)
             step.detail = before.describe()
@@ -247,8 +261,7 @@ def _decision(settings: Settings, run: RunReport, sc: Scope, before: Current, ne
              f"- **Until:** {lasting}"]
     if diff:
         lines += ["", "## The change to deploy", "", "```diff", diff.rstrip(), "```"]
-    key = f"rate-limit-decision-{sc.label.replace(' ', '-')}"
-    create_markdown_artifact(markdown="\n".join(lines) + "\n", key=key.lower()[:100],
+    create_markdown_artifact(markdown="\n".join(lines) + "\n", key=f"rate-limit-decision-{sc.slug}"[:100],
                              description=f"Rate-limit decision for {sc.label}")
     for name, value in (("Who", who), ("Why", reason or "not given"), ("New value", f"{new}/min"), ("Until", lasting)):
         run.figure(name, value)

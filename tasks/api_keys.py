@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import re
 import secrets
 import time
 from datetime import datetime, timedelta, timezone
@@ -17,6 +18,7 @@ from typing import Any
 
 import httpx
 import psycopg
+import redis
 from prefect import task
 from prefect.cache_policies import NO_CACHE
 from psycopg import sql
@@ -56,14 +58,32 @@ def _key(row: tuple[Any, ...]) -> ApiKey:
     return ApiKey(**dict(zip([c.strip() for c in _COLUMNS.split(",")], row)))
 
 
-def find(conn: psycopg.Connection, cfg: SecurityConfig, ref: str) -> ApiKey:
-    """The key `ref` names: its id (digits) or the start of its display prefix. Text is
-    matched literally (no wildcards); several matches are refused with a list."""
+def is_whole_key(cfg: SecurityConfig, ref: str) -> bool:
+    """A leaked key pasted whole: it is looked up by its hash and never shown."""
+    return ref.strip().startswith(cfg.key_prefix) and len(ref.strip()) > len(cfg.key_prefix) + 16
+
+
+def shown(cfg: SecurityConfig, ref: str) -> str:
+    """`ref` as reports and messages may show it: a whole key only by its display prefix."""
     ref = ref.strip()
+    return ref[: len(cfg.key_prefix) + 8] + "…" if is_whole_key(cfg, ref) else ref
+
+
+def find(conn: psycopg.Connection, cfg: SecurityConfig, ref: str) -> ApiKey:
+    """The key `ref` names: its id (digits), the start of its display prefix, or the whole
+    key (by its hash). Text is matched literally (no wildcards); several matches are
+    refused with a list."""
+    ref = ref.strip()
+    table = cfg.table(cfg.keys_table)
+    if is_whole_key(cfg, ref):
+        query = sql.SQL("SELECT {} FROM {} WHERE key_hash = %s").format(sql.SQL(_COLUMNS), table)
+        rows = conn.execute(query, (hash_key(ref),)).fetchall()
+        if not rows:
+            raise SecurityError(f"no API key matches the key given ({shown(cfg, ref)}); nothing was changed")
+        return _key(rows[0])
     if not ref or len(ref) > 64 or not ref.isprintable():
         raise SecurityError("give a key id or the start of its prefix (printable, at most 64 characters)")
-    table = cfg.table(cfg.keys_table)
-    if ref.isdigit():
+    if ref.isascii() and ref.isdigit():
         query = sql.SQL("SELECT {} FROM {} WHERE id = %s").format(sql.SQL(_COLUMNS), table)
         rows = conn.execute(query, (int(ref),)).fetchall()
     else:
@@ -138,15 +158,22 @@ def gather_evidence(conn: psycopg.Connection, cfg: SecurityConfig, key: ApiKey,
     """Requests by hour, fields and tables read, source IPs, rows, first and last use over
     the evidence window; and the signs the auto-revoke policy looks at: PII fields and
     source IPs new against the baseline, and the recent rate against the baseline rate."""
+    conn.execute("SET TIME ZONE 'UTC'")  # hours and times below are UTC, as the report says
     now = now or datetime.now(timezone.utc)
     policy = cfg.auto_revoke
     start = now - timedelta(hours=cfg.evidence_hours)
     recent = now - timedelta(minutes=policy.spike_minutes)
     baseline_start = now - timedelta(days=policy.baseline_days)
     audit = cfg.table(cfg.audit_table)
+    # A replacement inherits the history of the key it replaced: its first reads are not "new".
+    lineage = [key.id] + [r[0] for r in conn.execute(sql.SQL("SELECT id FROM {} WHERE replaced_by = %s").format(
+        cfg.table(cfg.keys_table)), (key.id,)).fetchall()]
+    born = min([key.created_at, *(r[0] for r in conn.execute(sql.SQL(
+        "SELECT created_at FROM {} WHERE id = ANY(%s)").format(cfg.table(cfg.keys_table)), (lineage,)).fetchall())])
     where = sql.SQL("action = 'api.request' AND target = %(target)s AND created_at >= %(start)s "
                     "AND created_at <= %(now)s")
-    p = {"target": f"api_key:{key.id}", "start": start, "now": now, "recent": recent, "base": baseline_start}
+    p = {"target": f"api_key:{key.id}", "start": start, "now": now, "recent": recent, "base": baseline_start,
+         "ancestors": [f"api_key:{i}" for i in lineage[1:]]}
 
     def q(query: str, params: dict[str, Any] | None = None) -> list[tuple[Any, ...]]:
         return conn.execute(sql.SQL(query).format(audit=audit, where=where), params or p).fetchall()
@@ -171,8 +198,9 @@ def gather_evidence(conn: psycopg.Connection, cfg: SecurityConfig, key: ApiKey,
     ev.pii_fields = [f for f, _, _ in ev.fields if f in pii]
 
     # What the key did before the recent window, for "new" and "spike".
-    before = sql.SQL("action = 'api.request' AND target = %(target)s AND created_at >= %(base)s "
-                     "AND created_at < %(recent)s")
+    # Before the recent window for the key itself; all along for the keys it replaced.
+    before = sql.SQL("action = 'api.request' AND created_at >= %(base)s AND ((target = %(target)s AND "
+                     "created_at < %(recent)s) OR (target = ANY(%(ancestors)s) AND created_at <= %(now)s))")
     old_fields = {r[0] for r in conn.execute(sql.SQL(
         "SELECT DISTINCT f FROM {audit}, jsonb_array_elements_text(details->'fields') f WHERE {before}").format(
         audit=audit, before=before), p).fetchall()}
@@ -187,9 +215,13 @@ def gather_evidence(conn: psycopg.Connection, cfg: SecurityConfig, key: ApiKey,
     ev.new_pii_fields = sorted((recent_fields & pii) - old_fields)
     ev.new_source_ips = sorted(ip for ip in recent_ips - old_ips if ip)
     ev.recent_requests = int(q("SELECT count(*) FROM {audit} WHERE {where} AND created_at >= %(recent)s")[0][0])
-    baseline = int(q("SELECT count(*) FROM {audit} WHERE {where} AND created_at < %(recent)s")[0][0])
+    baseline = int(conn.execute(sql.SQL(
+        "SELECT count(*) FROM {audit} WHERE action = 'api.request' AND created_at >= %(start)s AND ((target = "
+        "%(target)s AND created_at < %(recent)s) OR (target = ANY(%(ancestors)s) AND created_at <= %(now)s))").format(
+        audit=audit), p).fetchone()[0])
     ev.recent_per_minute = ev.recent_requests / policy.spike_minutes
-    ev.baseline_per_minute = baseline / max(cfg.evidence_hours * 60 - policy.spike_minutes, 1)
+    baseline_minutes = (recent - max(start, born)).total_seconds() / 60  # only while the key (line) existed
+    ev.baseline_per_minute = baseline / max(baseline_minutes, 1)
     ev.rate_spike = (ev.recent_requests >= policy.spike_min_requests
                      and ev.recent_per_minute >= policy.spike_factor * ev.baseline_per_minute)
     return ev
@@ -233,6 +265,13 @@ def drop_cached(cfg: SecurityConfig, key_hash: str) -> int:
         cache.close()
 
 
+def _drop_quietly(cfg: SecurityConfig, key_hash: str) -> None:
+    try:
+        drop_cached.fn(cfg, key_hash)
+    except redis.RedisError:
+        pass  # the drop step already said what Redis did
+
+
 class StillAccepted(RunbookError):
     """The key is revoked in the database, but the service did not refuse it in time."""
 
@@ -240,7 +279,9 @@ class StillAccepted(RunbookError):
 def verify_refused(base_url: str, cfg: SecurityConfig, key_hash: str, deadline_seconds: float,
                    interval: float = 0.2) -> tuple[float, int]:
     """Ask the live service until it answers 401 for the key: (seconds waited, attempts).
-    Connection errors and other answers are tried again until the deadline."""
+    Connection errors and other answers are tried again until the deadline; after an
+    answer that still accepts the key, its cached lookup is dropped again (a request
+    that read the key just before the revocation may have cached it after the drop)."""
     url = base_url.rstrip("/") + cfg.auth_check_path
     t0, attempts, last = time.monotonic(), 0, "no answer"
     with httpx.Client(timeout=5) as client:
@@ -251,6 +292,8 @@ def verify_refused(base_url: str, cfg: SecurityConfig, key_hash: str, deadline_s
                 if answer.status_code == 401:
                     return time.monotonic() - t0, attempts
                 last = f"answered {answer.status_code}"
+                if answer.status_code == 200:
+                    _drop_quietly(cfg, key_hash)
             except httpx.HTTPError as exc:
                 last = f"unreachable ({type(exc).__name__})"
             if time.monotonic() - t0 >= deadline_seconds:
@@ -281,6 +324,7 @@ def issue_replacement(db: Database, cfg: SecurityConfig, old: ApiKey) -> Replace
     directory = cfg.delivery_dir
     directory.mkdir(mode=0o700, parents=True, exist_ok=True)
     path: Path | None = None
+    committed = False
     try:
         with connect(db) as conn:
             table = cfg.table(cfg.keys_table)
@@ -288,14 +332,18 @@ def issue_replacement(db: Database, cfg: SecurityConfig, old: ApiKey) -> Replace
                 "INSERT INTO {} (user_id, key_prefix, key_hash, tier, permissions) VALUES (%s, %s, %s, %s, %s) "
                 "RETURNING id").format(table), (old.user_id, prefix, hash_key(plaintext), old.tier,
                                                 old.permissions)).fetchone()[0]
-            conn.execute(sql.SQL("UPDATE {} SET replaced_by = %s WHERE id = %s").format(table), (new_id, old.id))
+            linked = conn.execute(sql.SQL("UPDATE {} SET replaced_by = %s WHERE id = %s AND replaced_by IS NULL "
+                                          "RETURNING id").format(table), (new_id, old.id)).fetchone()
+            if linked is None:  # another run issued one meanwhile: this one is rolled back
+                raise SecurityError(f"key {old.id} already has a replacement; no second one was issued")
             path = directory / f"api-key-{new_id}-user-{old.user_id}.txt"
             _write_once(path, f"# Replacement for API key {old.id} ({old.key_prefix}…) of user {old.user_id}, "
                               f"tier {old.tier}.\n# Hand it to the owner over a secure channel, then delete "
                               f"this file (`runbooks api-key claim` does both).\n{plaintext}\n")
             conn.commit()
+            committed = True
     except BaseException:
-        if path is not None and path.exists():
+        if path is not None and path.exists() and not committed:
             path.unlink()
         raise
     finally:
@@ -312,8 +360,14 @@ def _write_once(path: Path, text: str) -> None:
         out.write(text)
 
 
-def claim(path: Path) -> str:
-    """Read a delivery file once: its key, and the file is gone."""
+DELIVERY_NAME = re.compile(r"api-key-\d+-user-\d+\.txt")
+
+
+def claim(path: Path, delivery_dir: Path) -> str:
+    """Read a delivery file once: its key, and the file is gone. Only the delivery
+    directory's own files are read."""
+    if path.resolve().parent != delivery_dir.resolve() or not DELIVERY_NAME.fullmatch(path.name):
+        raise SecurityError(f"{path} is not a delivery file of {delivery_dir} (api-key-<id>-user-<id>.txt)")
     try:
         lines = path.read_text().splitlines()
     except OSError as exc:

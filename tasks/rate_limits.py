@@ -11,6 +11,8 @@ a hash of who set it, why, the value before and when it ends.
 from __future__ import annotations
 
 import difflib
+import json
+import math
 import re
 import tomllib
 from datetime import datetime, timedelta, timezone
@@ -36,6 +38,11 @@ class Scope(BaseModel):
     @property
     def label(self) -> str:
         return "global" if self.kind == "global" else f"{self.kind} {self.name}"
+
+    @property
+    def slug(self) -> str:
+        """The label as artifact keys and slot names allow it (a-z, 0-9, -)."""
+        return re.sub(r"[^a-z0-9-]+", "-", self.label.lower()).strip("-")
 
     def redis_key(self, prefix: str) -> str:
         middle = "global" if self.kind == "global" else f"{self.kind}:{self.name}"
@@ -63,6 +70,11 @@ def check_tier(name: str | None) -> str:
     return name
 
 
+def tiers_in_use(conn: psycopg.Connection, cfg: SecurityConfig) -> list[str]:
+    return [r[0] for r in conn.execute(sql.SQL("SELECT DISTINCT tier FROM {} ORDER BY 1").format(
+        cfg.table(cfg.keys_table))).fetchall()]
+
+
 def defaults(limits: RateLimitsConfig) -> tuple[int, dict[str, int]]:
     """(default, per tier): from the service's limits file when configured, else [security.rate_limits]."""
     if limits.config_file is None:
@@ -86,6 +98,7 @@ class Current(BaseModel):
     value: int  # the limit in force for it
     override: int | None = None  # its own override in Redis, if any
     expires_in: float | None = None  # seconds left on that override; None: no expiry
+    expires_at: datetime | None = None  # the same, as a moment
     default: int
     record: dict[str, str] = {}  # who set the override, why, what it replaced
 
@@ -107,8 +120,9 @@ def read(cache: redis.Redis, cfg: SecurityConfig, scope: Scope) -> Current:
     default = default_for(cfg.rate_limits, scope)
     if value is None:
         return Current(value=default, default=default)
-    return Current(value=int(value), override=int(value), default=default,
-                   expires_in=ttl_ms / 1000 if ttl_ms >= 0 else None,
+    left = ttl_ms / 1000 if ttl_ms >= 0 else None
+    return Current(value=int(value), override=int(value), default=default, expires_in=left,
+                   expires_at=datetime.now(timezone.utc) + timedelta(seconds=left) if left is not None else None,
                    record={k.decode(): v.decode() for k, v in record.items()})
 
 
@@ -124,7 +138,7 @@ def check_bounds(limits: RateLimitsConfig, scope: Scope, new: int, minutes: floa
     default unless forced."""
     if new < 1:
         raise SecurityError(f"the new limit must be at least 1 request per minute (got {new}); nothing changed")
-    if minutes <= 0:
+    if not math.isfinite(minutes) or minutes <= 0:
         raise SecurityError(f"the duration must be positive (got {minutes:g} min); nothing changed")
     default = default_for(limits, scope)
     low, high = default / limits.max_factor, default * limits.max_factor
@@ -133,15 +147,22 @@ def check_bounds(limits: RateLimitsConfig, scope: Scope, new: int, minutes: floa
                             f"default of {default}/min); pass force to set it anyway. Nothing changed")
 
 
+def undo_record(before: Current) -> dict[str, str]:
+    """What an override keeps about the state it replaced: the earlier override, when it
+    ends, and its own record."""
+    if before.override is None:
+        return {"previous": "", "previous_expires_at": "", "previous_record": ""}
+    return {"previous": str(before.override),
+            "previous_expires_at": before.expires_at.isoformat() if before.expires_at else "",
+            "previous_record": json.dumps(before.record) if before.record else ""}
+
+
 def set_override(cache: redis.Redis, cfg: SecurityConfig, scope: Scope, new: int, minutes: float, by: str,
                  reason: str, before: Current) -> datetime:
     """SET with EX and the record beside it, in one transaction: both expire together."""
     seconds = max(1, round(minutes * 60))
     until = datetime.now(timezone.utc) + timedelta(seconds=seconds)
-    record = {"by": by, "reason": reason, "value": str(new), "until": until.isoformat(),
-              "previous": "" if before.override is None else str(before.override),
-              "previous_expires_at": "" if before.override is None or before.expires_in is None else
-              (datetime.now(timezone.utc) + timedelta(seconds=before.expires_in)).isoformat()}
+    record = {"by": by, "reason": reason, "value": str(new), "until": until.isoformat(), **undo_record(before)}
     pipe = cache.pipeline(transaction=True)
     pipe.set(scope.redis_key(cfg.redis_prefix), new, ex=seconds)
     pipe.delete(scope.record_key(cfg.redis_prefix))
@@ -153,17 +174,20 @@ def set_override(cache: redis.Redis, cfg: SecurityConfig, scope: Scope, new: int
 
 def restore(cache: redis.Redis, cfg: SecurityConfig, scope: Scope, record: dict[str, str]) -> str:
     """Put back what the override replaced (an earlier override with its remaining
-    time, or nothing: the default), and drop the record. Says what it restored."""
+    time and its own record, or nothing: the default). Says what it restored."""
     key, rec = scope.redis_key(cfg.redis_prefix), scope.record_key(cfg.redis_prefix)
     previous, expires = record.get("previous") or "", record.get("previous_expires_at") or ""
+    earlier = json.loads(record["previous_record"]) if record.get("previous_record") else {}
     left = (datetime.fromisoformat(expires) - datetime.now(timezone.utc)).total_seconds() if expires else None
     pipe = cache.pipeline(transaction=True)
     pipe.delete(rec)
     if previous and (left is None or left > 1):
-        if left is None:
-            pipe.set(key, int(previous))
-        else:
-            pipe.set(key, int(previous), ex=round(left))
+        ttl = None if left is None else round(left)
+        pipe.set(key, int(previous), ex=ttl)
+        if earlier:
+            pipe.hset(rec, mapping=earlier)
+            if ttl is not None:
+                pipe.expire(rec, ttl)
         said = f"the earlier override of {previous}/min" + (f" ({_span(left)} left)" if left else "")
     else:
         pipe.delete(key)

@@ -82,13 +82,14 @@ config_file = "{limits}"
 
 
 def new_key(dsn: str, user_id: int = 7, tier: str = "premium",
-            permissions: tuple[str, ...] = ("orders:read", "profile:read")) -> tuple[int, str]:
+            permissions: tuple[str, ...] = ("orders:read", "profile:read"), days_old: float = 30) -> tuple[int, str]:
+    """A key (and its plaintext) created `days_old` days ago, so its history can be older than today."""
     plaintext = f"fq_live_{uuid.uuid4().hex}{uuid.uuid4().hex}"
     with psycopg.connect(dsn) as conn:
-        key_id = conn.execute("INSERT INTO api_keys (user_id, key_prefix, key_hash, tier, permissions) "
-                              "VALUES (%s, %s, %s, %s, %s) RETURNING id",
+        key_id = conn.execute("INSERT INTO api_keys (user_id, key_prefix, key_hash, tier, permissions, created_at) "
+                              "VALUES (%s, %s, %s, %s, %s, now() - %s * interval '1 day') RETURNING id",
                               (user_id, plaintext[:16], hashlib.sha256(plaintext.encode()).hexdigest(), tier,
-                               list(permissions))).fetchone()[0]
+                               list(permissions), days_old)).fetchone()[0]
     return key_id, plaintext
 
 

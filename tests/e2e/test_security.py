@@ -151,7 +151,7 @@ def test_a_key_reading_personal_data_is_revoked_from_its_alert_in_seconds(sec):
     assert _resolve(sec, params["incident"], incident["id"])["state_type"] == "COMPLETED"
 
     (delivery,) = sec["delivery"].glob("api-key-*-user-7.txt")
-    replacement = claim(delivery)
+    replacement = claim(delivery, sec["delivery"])
     assert call(url, replacement) == 200 and call(url, plaintext) == 401
     with api_client(server.url) as client:
         artifacts = json.dumps(client.post("/artifacts/filter", json={}).json())

@@ -52,7 +52,7 @@ def test_a_compromised_key_is_revoked_refused_everywhere_and_replaced(security_s
     delivery = Path(result.delivery_file)
     assert stat.S_IMODE(delivery.stat().st_mode) == 0o600
     assert stat.S_IMODE(delivery.parent.stat().st_mode) == 0o700
-    replacement = api_keys.claim(delivery)
+    replacement = api_keys.claim(delivery, delivery.parent)
     assert not delivery.exists()  # read once
     assert hashlib.sha256(replacement.encode()).hexdigest() == new_hash  # only the hash is stored
     assert call(url, replacement) == 200  # the new key works
@@ -186,3 +186,32 @@ def test_evidence_flags_new_pii_new_addresses_and_a_spike(security_stack):
     assert loud.rate_spike and loud.recent_requests == 28 and loud.first_use < datetime.now(timezone.utc) - timedelta(hours=4)
     assert api_keys.policy_met(cfg, loud) == (True, "policy met: new_pii_fields and rate_spike")
     assert api_keys.policy_met(cfg, quiet)[1] == "policy not met: no new_pii_fields, rate_spike in the evidence"
+
+
+def test_a_replacement_inherits_its_predecessors_history(security_stack):
+    """The replacement's first reads of the owner's profile are what the old key did
+    every day: not new, not a spike, so the policy does not revoke it."""
+    url, dsn = security_stack["url"], security_stack["dsn"]
+    key_id, plaintext = new_key(dsn)
+    usual_use(dsn, key_id)
+    for _ in range(3):
+        call(url, plaintext, "/api/profile")  # its owner reads the profile too
+    result = api_key_revocation(str(key_id), auto_approve=True)
+    replacement = api_keys.claim(Path(result.delivery_file), Path(result.delivery_file).parent)
+    for _ in range(3):
+        assert call(url, replacement, "/api/profile") == 200
+    cfg = load_settings().security
+    with psycopg.connect(dsn) as conn:
+        evidence = api_keys.gather_evidence(conn, cfg, api_keys.find(conn, cfg, str(result.replacement_id)))
+    assert evidence.requests == 3 and evidence.new_pii_fields == [] and not evidence.rate_spike
+    assert api_keys.policy_met(cfg, evidence)[0] is False
+
+
+def test_a_whole_leaked_key_is_found_by_its_hash_and_never_shown(security_stack):
+    url, dsn = security_stack["url"], security_stack["dsn"]
+    key_id, plaintext = new_key(dsn)
+    result = api_key_revocation(plaintext, auto_approve=True, replace=False)
+    assert result.key_id == key_id and call(url, plaintext) == 401
+    assert plaintext not in json.dumps(artifacts()) and plaintext not in logs_text()
+    with pytest.raises(SecurityError, match=r"no API key matches the key given \(fq_live_[0-9a-f]{8}…\)"):
+        api_key_revocation("fq_live_" + "0" * 64, auto_approve=True)

@@ -150,7 +150,7 @@ def test_errors_rising_under_the_new_limit_revert_it_early(security_stack, write
         httpx.post(f"{url}/admin/fault", json={"mode": "none"}, timeout=5)
     assert cache.get(tier_key(ns)) is None  # back to the default
     report = artifact("rate-limit-adjustment-tier-standard")
-    assert "| Reverted | to the default: the error rate rose to" in report
+    assert "| Reverted | reverted to the default: the error rate rose to" in report
     assert any("reverted" in m.get("text", "") for m in security_stack["slack"].calls("chat.postMessage"))
 
 
