@@ -148,3 +148,31 @@ def test_crash_fault_kills_the_process(service):
     with pytest.raises(httpx.HTTPError):
         httpx.get(f"{url}/health", timeout=2)
     assert proc.wait(timeout=10) == 70
+
+
+def test_every_api_request_is_audited_and_counted_by_key_with_bounded_labels(service, sample_db):
+    from demo.service import KeyLabels
+
+    _, url = service
+    key = add_key(sample_db, "standard")
+    headers = {"Authorization": f"Bearer {key}", "X-Forwarded-For": "10.9.8.7, 203.0.113.5"}
+    assert httpx.get(f"{url}/api/profile", headers=headers).status_code == 200
+    assert httpx.get(f"{url}/api/orders", headers={"Authorization": "Bearer fq_nope"}).status_code == 401
+    with psycopg.connect(sample_db) as conn:
+        target, details = conn.execute("SELECT target, details FROM audit_logs WHERE action = 'api.request' "
+                                       "AND target IS NOT NULL ORDER BY id DESC LIMIT 1").fetchone()
+        unknown = conn.execute("SELECT actor_user_id, target, details->>'status' FROM audit_logs "
+                               "WHERE action = 'api.request' ORDER BY id DESC LIMIT 1").fetchone()
+    assert target.startswith("api_key:") and details["operation"] == "profile"
+    assert details["fields"] == ["users.id", "users.email", "users.name"] and details["tables"] == ["users"]
+    assert details["ip"] == "203.0.113.5" and details["rows"] == 1 and details["status"] == 200  # the proxy's entry
+    assert unknown == (None, None, "401")
+    metrics = httpx.get(f"{url}/metrics").text
+    assert f'fraiseql_api_key_requests_total{{key_prefix="{key[:8]}",status="200"}} 1.0' in metrics
+    assert f'fraiseql_api_key_pii_requests_total{{key_prefix="{key[:8]}"}} 1.0' in metrics
+    assert 'fraiseql_api_key_requests_total{key_prefix="unknown",status="401"} 1.0' in metrics
+    assert 'fraiseql_auth_failures_total{reason="unknown"} 1.0' in metrics
+    assert 'fraiseql_rate_limit_decisions_total{decision="allowed",tier="standard"} 1.0' in metrics
+
+    labels = KeyLabels(2)
+    assert [labels(p) for p in ("a", "b", "c", "a", None)] == ["a", "b", "other", "a", "unknown"]

@@ -23,8 +23,8 @@ import redis
 
 from tasks.api_keys import claim
 from tests.conftest import free_port
-from tests.e2e.conftest import (BIN, SHOTS, AlertPorts, alert_sections, alert_stack, api_client, custom_run_form,
-                                run, submit_form, wait_final, wait_for, write_config)
+from tests.e2e.conftest import (BIN, SHOTS, AlertPorts, alert_sections, alert_stack, api_client, choose,
+                                custom_run_form, run, submit_form, wait_final, wait_for, write_config)
 from tests.security_stack import LIMITS, REDIS_URL, call, new_key, security_section, usual_use
 from tests.slack_standin import running_standin
 
@@ -251,3 +251,31 @@ def test_a_limit_raised_and_reverted_with_runbooks_run(sec):
     bad = run([str(BIN / "runbooks"), "run", "rate-limit-adjustment", "-p", "scope=region", "-p", "limit=8"],
               sec["env"])
     assert bad.returncode == 2 and "scope" in bad.stderr and "Traceback" not in bad.stderr
+
+
+def test_a_limit_raised_from_its_form_in_the_ui(sec, page):
+    """runbook 4 as a person starts it in the browser: the scope from its dropdown, the
+    tier, the new limit and the reason typed in; the run sets the override."""
+    ns, cache, server = sec["ns"], sec["cache"], sec["server"]
+    served = {"ui": sec["ui"]}
+    custom_run_form(page, served, "rate-limit-adjustment")
+    try:
+        page.get_by_text("global, tier or key.").wait_for()
+        choose(page, 0, "tier")  # scope
+        numbers = page.locator("input[type=number]")
+        numbers.nth(0).fill("9")  # limit
+        numbers.nth(2).fill("2")  # watch_seconds
+        page.locator("textarea").nth(0).fill("standard")  # target
+        page.locator("textarea").nth(1).fill("launch day, from the UI")  # reason
+        page.screenshot(path=str(SHOTS / "11-rate-limit-form.png"), full_page=True)
+        submit_form(page)
+    except Exception:
+        page.screenshot(path=str(SHOTS / "failed-rate-limit-form.png"), full_page=True)
+        raise
+    with api_client(server.url) as client:
+        (started,) = wait_for(lambda: [r for r in _runs(client, "rate-limit-adjustment")
+                                       if r["parameters"].get("reason") == "launch day, from the UI"], 60, "the run")
+        final = wait_final(client, started["id"], timeout=120)
+    assert final["state_type"] == "COMPLETED", final["state"]
+    assert started["parameters"]["scope"] == "tier" and started["parameters"]["limit"] == 9
+    assert int(cache.get(f"{ns}rate_limit:tier:standard:requests_per_minute")) == 9
