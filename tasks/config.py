@@ -23,6 +23,7 @@ from tasks.notify import NotifySettings
 from tasks.prometheus import ErrorRate, PrometheusConfig
 from tasks.postgres import Database, DatabaseConfig
 from tasks.security import SecurityConfig
+from tasks.slo import SloSpec
 from tasks.service import Controller, ServiceConfig, open_controller
 from tasks.encryption import EncryptionConfig
 from tasks.storage import LocalStoreConfig, Store, StoreConfig, open_store
@@ -52,6 +53,9 @@ class Settings(BaseSettings):
                                        "escalation and paging for incidents")
     security: SecurityConfig | None = Field(None, description="API keys, audit log and rate limits of a "
                                             "service, for the security runbooks")
+    slo: dict[str, SloSpec] = Field(default_factory=dict, description="per service: its SLOs, SLA and "
+                                    "metrics, for the monthly report")
+    slo_report_dir: Path = Field(Path("reports"), description="where the SLO reports' JSON files go")
     work_dir: Path | None = Field(None, description="where restores spool the uncompressed archive, "
                                   "in a file without a name (needs its size free); default: the system "
                                   "temp dir")
@@ -86,6 +90,9 @@ class Settings(BaseSettings):
             if db.store not in self.stores:
                 raise ValueError(f"databases.{name}.store: no store named {db.store!r} "
                                  f"(configured: {', '.join(sorted(self.stores)) or 'none'})")
+        for name in self.slo:
+            if name not in self.services:
+                raise ValueError(f"slo.{name}: no service named {name!r} (an SLO belongs to a [services.<name>])")
         if self.security is not None:
             if self.security.service not in self.services:
                 raise ValueError(f"security.service: no service named {self.security.service!r}")
@@ -203,6 +210,7 @@ def _resolve_paths(settings: Settings, base: Path) -> None:
             st.encryption.key_file = resolve(st.encryption.key_file)
     if settings.work_dir:
         settings.work_dir = resolve(settings.work_dir)
+    settings.slo_report_dir = resolve(settings.slo_report_dir)
     for svc in settings.services.values():
         c = svc.controller
         if c.kind == "process":

@@ -13,8 +13,9 @@ wrong (unreachable, bad PromQL, no data) into one clear error.
 from __future__ import annotations
 
 import math
+import time
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import datetime, timedelta
 from urllib.parse import parse_qs, urlsplit
 
 import httpx
@@ -57,18 +58,40 @@ class MetricsUnavailable(RunbookError):
     """Prometheus could not answer a query: unreachable, bad PromQL, or no data."""
 
 
-def _api(prom: PrometheusConfig, path: str, params: dict[str, str], promql: str) -> dict:
-    """The `data` of one API call; every way it can fail is a MetricsUnavailable."""
+class PrometheusDown(MetricsUnavailable):
+    """Unreachable, too slow, or answering 5xx: a later attempt may fare better."""
+
+
+def _api(prom: PrometheusConfig, path: str, params: dict[str, str], promql: str, retries: int = 0) -> dict:
+    """The `data` of one API call; every way it can fail is a MetricsUnavailable. With
+    `retries`, a Prometheus that is down is asked again (tasks.retries' delays)."""
+    from tasks.retries import RETRY_DELAYS
+
+    for attempt in range(retries + 1):
+        try:
+            return _call(prom, path, params, promql)
+        except PrometheusDown:
+            if attempt == retries:
+                raise
+            time.sleep(RETRY_DELAYS[min(attempt, len(RETRY_DELAYS) - 1)])
+    raise AssertionError("unreachable")
+
+
+def _call(prom: PrometheusConfig, path: str, params: dict[str, str], promql: str) -> dict:
     try:
         response = httpx.get(f"{prom.url}/api/v1/{path}", params=params, timeout=prom.timeout)
     except httpx.TimeoutException:
-        raise MetricsUnavailable(f"Prometheus at {prom.url} did not answer within {prom.timeout:g}s") from None
+        raise PrometheusDown(f"Prometheus at {prom.url} did not answer within {prom.timeout:g}s") from None
     except httpx.HTTPError as exc:
-        raise MetricsUnavailable(f"Prometheus at {prom.url} is unreachable: {exc}") from None
+        raise PrometheusDown(f"Prometheus at {prom.url} is unreachable: {exc}") from None
     try:
         body = response.json()
     except ValueError:
         body = None
+    if response.status_code >= 500:
+        reason = body.get("error") if isinstance(body, dict) else None
+        raise PrometheusDown(f"Prometheus at {prom.url} answered HTTP {response.status_code}"
+                             + (f": {reason}" if reason else ""))
     if not isinstance(body, dict) or body.get("status") not in ("success", "error"):
         raise MetricsUnavailable(f"Prometheus at {prom.url} answered HTTP {response.status_code} "
                                  "with something else than its API's JSON (is that URL Prometheus?)")
@@ -97,6 +120,48 @@ def query_value(prom: PrometheusConfig, promql: str) -> float | None:
         raise MetricsUnavailable(f"the query {promql!r} returned a {kind or 'malformed'} result, "
                                  "not one number") from None
     return None if math.isnan(number) else number
+
+
+def _number(text: object) -> float:
+    """A sample value as Prometheus writes it: a string, "NaN", "+Inf" and "-Inf" included."""
+    return float(str(text))
+
+
+def query_at(prom: PrometheusConfig, promql: str, at: datetime, retries: int = 3) -> list[tuple[dict[str, str], float]]:
+    """Every (labels, value) an instant query returns at `at` (a scalar has no labels).
+    No series is an empty list. A Prometheus that is down is asked again."""
+    data = _api(prom, "query", {"query": promql, "time": f"{at.timestamp():.3f}"}, promql, retries=retries)
+    kind, result = data.get("resultType"), data.get("result")
+    try:
+        if kind == "scalar":
+            return [({}, _number(result[1]))]  # type: ignore[index]
+        if kind == "vector" and isinstance(result, list):
+            return [(dict(r.get("metric", {})), _number(r["value"][1])) for r in result]
+    except (TypeError, KeyError, IndexError, ValueError):
+        pass
+    raise MetricsUnavailable(f"the query {promql!r} returned a {kind or 'malformed'} result, not numbers")
+
+
+def raw_samples(prom: PrometheusConfig, selector: str, start: datetime, end: datetime,
+                chunk: timedelta = timedelta(days=1), retries: int = 3) -> list[list[tuple[float, float]]]:
+    """The samples a series selector stored between `start` and `end`, as scraped (no
+    step, no lookback), per series: read a day at a time as `selector[1d]`."""
+    merged: dict[tuple[tuple[str, str], ...], list[tuple[float, float]]] = {}
+    t = start
+    while t < end:
+        stop = min(t + chunk, end)
+        seconds = int(round((stop - t).total_seconds()))
+        promql = f"{selector}[{seconds}s]"
+        data = _api(prom, "query", {"query": promql, "time": f"{stop.timestamp():.3f}"}, promql, retries=retries)
+        if data.get("resultType") != "matrix" or not isinstance(data.get("result"), list):
+            raise MetricsUnavailable(f"{selector!r} is not a series selector (its range query returned "
+                                     f"{data.get('resultType') or 'nothing'})")
+        for s in data["result"]:
+            key = tuple(sorted(s.get("metric", {}).items()))
+            rows = merged.setdefault(key, [])
+            rows += [(float(ts), _number(v)) for ts, v in s.get("values", []) if not rows or float(ts) > rows[-1][0]]
+        t = stop
+    return list(merged.values())
 
 
 class Series(BaseModel):

@@ -30,7 +30,7 @@ def test_schedules_limits_and_tags_are_the_agreed_ones():
     recoveries = {"database-recovery-orders", "data-loss-orders", "database-corruption-orders"}
     security = {"api-key-revocation", "rate-limit-adjustment", "rate-limit-revert", "ddos-response"}
     assert set(deployments) == {"backup-orders", "restore-test-orders", "backup-retention", "health-check",
-                                "service-restart-api", "incident-response"} | recoveries | security
+                                "service-restart-api", "incident-response", "slo-report-api"} | recoveries | security
     for name in security:  # each holds the slot of the key or limit it changes, not of the deployment
         d = deployments.pop(name)
         assert d.concurrency_limit is None and not d.schedules and {"runbook", "security"} <= set(d.tags)
@@ -42,11 +42,11 @@ def test_schedules_limits_and_tags_are_the_agreed_ones():
     crons = {name: [s.schedule.cron for s in d.schedules] for name, d in deployments.items()}
     assert crons == {"backup-orders": ["0 0,6,12,18 * * *"], "restore-test-orders": ["0 3 * * 0"],
                      "backup-retention": ["30 4 * * *"], "health-check": ["* * * * *"],
-                     "service-restart-api": []}
+                     "service-restart-api": [], "slo-report-api": ["0 6 1 * *"]}
     strategies = {n: d.concurrency_options.collision_strategy.value for n, d in deployments.items()}
     assert strategies == {"backup-orders": "ENQUEUE", "restore-test-orders": "ENQUEUE",
                           "backup-retention": "ENQUEUE", "health-check": "CANCEL_NEW",
-                          "service-restart-api": "ENQUEUE"}
+                          "service-restart-api": "ENQUEUE", "slo-report-api": "ENQUEUE"}
     for d in deployments.values():
         assert d.concurrency_limit == 1 and d.paused is False
         assert all(s.schedule.timezone == "UTC" and s.active for s in d.schedules)

@@ -1,0 +1,186 @@
+"""The monthly SLO report against Debian's Prometheus holding a month of synthetic data
+(backfilled with `promtool tsdb create-blocks-from openmetrics`), checked against
+figures computed by hand."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import time
+from collections.abc import Iterator
+from datetime import datetime, timezone
+from pathlib import Path
+
+import httpx
+import pytest
+
+from flows.slo_report import slo_report
+from tasks.prometheus import PrometheusDown
+from tasks.slo import SloSpec, days_of, month_bounds, quantile, under
+from tests.conftest import free_port, need
+
+START = int(datetime(2026, 11, 1, tzinfo=timezone.utc).timestamp())
+STEP = 300  # a sample every 5 minutes
+MINUTES = 30 * 1440
+PER_STEP = 5000  # requests per 5 minutes: 1,000 a minute
+OUTAGE = (int(datetime(2026, 11, 10, 10, tzinfo=timezone.utc).timestamp()), 50 * 60)  # 50 min of 5xx, probe down
+SLOW_DAY = int(datetime(2026, 11, 20, tzinfo=timezone.utc).timestamp())  # every request 100-250 ms
+GAP = (int(datetime(2026, 11, 15, 12, tzinfo=timezone.utc).timestamp()), 6 * 3600)  # no samples at all
+BREACH = (int(datetime(2026, 11, 5, tzinfo=timezone.utc).timestamp()), 600 * 60)  # 10 hours of 5xx
+
+
+def _series(job: str, outage: tuple[int, int] | None = None, slow: int | None = None,
+            gap: tuple[int, int] | None = None, traffic: bool = True) -> list[str]:
+    ok = bad = 0
+    buckets = {"0.05": 0, "0.1": 0, "0.25": 0, "+Inf": 0}
+    lines: list[str] = []
+    for i in range(MINUTES // 5 + 1):
+        t = START + i * STEP
+        down = outage is not None and outage[0] <= t - STEP < outage[0] + outage[1]  # the 5 min just past
+        if i:
+            if down:
+                bad += PER_STEP
+            else:
+                ok += PER_STEP
+            fast = not (slow is not None and slow <= t - STEP < slow + 86400)
+            for le in buckets:
+                if fast or le in ("0.25", "+Inf"):
+                    buckets[le] += PER_STEP
+        if gap is not None and gap[0] < t < gap[0] + gap[1]:
+            continue
+        lines.append(f'up{{job="{job}",instance="x"}} 1 {t}')
+        probe_down = outage is not None and outage[0] <= t < outage[0] + outage[1]
+        lines.append(f'runbooks_probe_success{{service="{job}",probe="health"}} {0 if probe_down else 1} {t}')
+        if traffic:
+            lines.append(f'fraiseql_http_requests_total{{job="{job}",status="200"}} {ok} {t}')
+            lines.append(f'fraiseql_http_requests_total{{job="{job}",status="500"}} {bad} {t}')
+            lines += [f'fraiseql_query_duration_seconds_bucket{{job="{job}",le="{le}"}} {n} {t}'
+                      for le, n in buckets.items()]
+    return lines
+
+
+@pytest.fixture(scope="module")
+def month_prometheus(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    binary, promtool = shutil.which("prometheus"), shutil.which("promtool")
+    need(binary is not None and promtool is not None, "prometheus is not installed (apt-get install prometheus)")
+    root = tmp_path_factory.mktemp("slo-prometheus")
+    by_metric: dict[str, list[str]] = {}
+    for line in (_series("api", outage=OUTAGE, slow=SLOW_DAY) + _series("gappy", gap=GAP)
+                 + _series("quiet", traffic=False) + _series("breach", outage=BREACH)):
+        by_metric.setdefault(line.split("{")[0], []).append(line)
+    types = {"up": "gauge", "runbooks_probe_success": "gauge", "fraiseql_http_requests_total": "counter",
+             "fraiseql_query_duration_seconds_bucket": "counter"}
+    text = [f"# TYPE {m} {types[m]}\n" + "\n".join(v) for m, v in by_metric.items()]
+    data = root / "month.om"
+    data.write_text("\n".join(text) + "\n# EOF\n")
+    subprocess.run([promtool, "tsdb", "create-blocks-from", "openmetrics", "--max-block-duration=720h",
+                    str(data), str(root / "tsdb")], check=True, capture_output=True, timeout=300)
+    (root / "prometheus.yml").write_text("global:\n  scrape_interval: 1m\n")
+    port = free_port()
+    proc = subprocess.Popen([binary, f"--config.file={root / 'prometheus.yml'}", f"--storage.tsdb.path={root / 'tsdb'}",
+                             "--storage.tsdb.retention.time=3650d", f"--web.listen-address=127.0.0.1:{port}",
+                             "--log.level=warn"], stdout=subprocess.DEVNULL, stderr=open(root / "log", "wb"))
+    url = f"http://127.0.0.1:{port}"
+    for _ in range(200):
+        try:
+            if httpx.get(f"{url}/-/ready", timeout=1).status_code == 200:
+                break
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.1)
+    yield url
+    proc.terminate()
+    proc.wait(timeout=20)
+
+
+@pytest.fixture
+def configure(write_config, tmp_path):
+    def make(prom_url: str, services: tuple[str, ...] = ("api", "gappy", "quiet", "breach")) -> Path:
+        text = f'slo_report_dir = "{tmp_path / "reports"}"\n[prometheus]\nurl = "{prom_url}"\n'
+        for name in services:
+            text += (f'[services.{name}]\nbase_url = "http://127.0.0.1:1"\ncontroller = {{ kind = "process", '
+                     f'command = ["true"], pid_file = "{tmp_path / name}.pid", log_file = "{tmp_path / name}.log" }}\n'
+                     f"[slo.{name}]\n")
+        return write_config(text)
+    return make
+
+
+def test_a_month_with_an_outage_and_a_slow_day_matches_the_hand_computation(month_prometheus, configure, tmp_path):
+    configure(month_prometheus)
+    r = slo_report("api", month="2026-11")
+    total, errors = 43_200_000, 50_000
+    assert r.hours == 720 and r.requests == pytest.approx(total) and r.measured_share == 1 and r.gaps == []
+    assert r.availability == pytest.approx(1 - errors / total)  # 99.8843 %
+    assert r.error_rate == pytest.approx(errors / total)
+    assert r.latency_sli == pytest.approx((total - 1_440_000) / total)  # the slow day is over 100 ms
+    assert r.p95_seconds == pytest.approx(0.05 * (0.95 * total) / (total - 1_440_000))  # 49.1 ms, in its bucket
+    assert r.uptime == pytest.approx(1 - 3000 / (720 * 3600))  # 50 minutes down of the probes
+    assert r.budget_requests == pytest.approx(0.001 * total) and r.budget_used_requests == pytest.approx(errors)
+    assert r.budget_minutes == pytest.approx(43.2) and r.budget_used_minutes == pytest.approx(50)
+    assert r.burn_rate == pytest.approx(errors / (0.001 * total))
+    assert r.slo_met == {"availability": False, "latency": True, "error rate": False}
+    assert r.sla_met == {"availability": True, "latency": True, "error rate": True} and r.credit_percent == 0
+    assert r.worst_days[0] == f"2026-11-10 {1 - errors / 1_440_000:.4%}"
+    saved = json.loads((tmp_path / "reports" / "api-2026-11.json").read_text())
+    assert saved["availability"] == pytest.approx(r.availability)
+
+
+def test_a_ten_hour_breach_earns_the_25_percent_credit(month_prometheus, configure):
+    configure(month_prometheus)
+    r = slo_report("breach", month="2026-11")
+    assert r.availability == pytest.approx(1 - 600_000 / 43_200_000)  # 98.61 %
+    assert r.sla_met["availability"] is False and r.credit_percent == 25
+
+
+def test_a_six_hour_gap_is_reported_as_a_gap_not_as_good(month_prometheus, configure):
+    configure(month_prometheus)
+    r = slo_report("gappy", month="2026-11")
+    assert [(g.isoformat(), s) for g, s in r.gaps] == [("2026-11-15T12:00:00+00:00", 21600.0)]
+    assert r.measured_share == pytest.approx(1 - 6 / 720)
+    assert r.uptime == 1.0  # of the time measured; the gap is not counted as up
+
+
+def test_a_service_without_traffic_is_no_data_not_100_percent(month_prometheus, configure):
+    configure(month_prometheus)
+    r = slo_report("quiet", month="2026-11")
+    assert r.requests is None and r.availability is None and r.error_rate is None
+    assert r.slo_met == {"availability": None, "latency": None, "error rate": None} and r.credit_percent == 0
+    assert r.uptime == 1.0
+
+
+def test_prometheus_down_is_tried_again_then_a_clear_failure_without_a_report(configure):
+    from prefect.client.orchestration import get_client
+
+    configure(f"http://127.0.0.1:{free_port()}", services=("api",))
+    with pytest.raises(PrometheusDown, match="is unreachable"):
+        slo_report("api", month="2026-10")
+    with get_client(sync_client=True) as client:
+        found = client.request("POST", "/artifacts/filter", json={
+            "artifacts": {"key": {"any_": ["slo-report-api"]}}, "sort": "CREATED_DESC"}).json()
+    assert all("2026-10" not in (a.get("description") or "") for a in found)
+
+
+def test_months_in_a_zone_february_and_a_dst_change():
+    from zoneinfo import ZoneInfo
+
+    start, end = month_bounds("2027-02", ZoneInfo("UTC"))
+    assert (end - start).days == 28
+    paris = ZoneInfo("Europe/Paris")
+    march = month_bounds("2026-03", paris)
+    assert (march[1] - march[0]).total_seconds() == 743 * 3600  # the clocks went forward
+    october = month_bounds("2026-10", paris)
+    assert (october[1] - october[0]).total_seconds() == 745 * 3600
+    days = days_of(*october, paris)
+    assert len(days) == 31 and (days[24][2] - days[24][1]).total_seconds() == 25 * 3600  # 25 October
+    assert days[0][1].isoformat() == "2026-09-30T22:00:00+00:00"
+    assert SloSpec(timezone="Europe/Paris").zone == paris
+    with pytest.raises(ValueError, match="unknown time zone"):
+        SloSpec(timezone="Mars/Olympus")
+
+
+def test_histogram_arithmetic():
+    buckets = [(0.05, 50.0), (0.1, 90.0), (0.25, 100.0), (float("inf"), 100.0)]
+    assert under(buckets, 0.1) == 90 and under(buckets, 0.075) == pytest.approx(70)
+    assert quantile(buckets, 0.95) == pytest.approx(0.1 + 0.15 * 0.5)
+    assert under([], 0.1) is None and quantile([], 0.5) is None
