@@ -3,6 +3,7 @@ say against its objectives, the error budget, the SLA commitments and the credit
 
 from __future__ import annotations
 
+import base64
 from datetime import datetime, timedelta
 
 from prefect import flow
@@ -61,8 +62,9 @@ def slo_report(service: str, month: str | None = None) -> SloResult:
          availability, error rate, latency SLI and P95; and the probes' uptime;
       3. error budget (requests and minutes), burn rate, SLO and SLA met or breached,
          the credit tier, the worst days;
-      4. publish the report (markdown, versioned per service), the daily table, a JSON
-         file in the report directory, and a notice.
+      4. publish the report (markdown with its chart embedded, versioned per service),
+         the daily table, a JSON file and the chart's PNG in the report directory, and
+         a notice.
     Data gaps are reported with their length and never count as good.
 
     Args:
@@ -93,7 +95,8 @@ def slo_report(service: str, month: str | None = None) -> SloResult:
             step.detail = f"{len(days)} days, {whole.measured_share:.2%} of the month measured"
         result = _result(spec, service, month, whole, days, settings.slo_report_dir)
         with run.step("publish the report"):
-            markdown = render(spec, result, whole, days)
+            png = slo.chart(spec, month, days, result.budget_requests)
+            markdown = render(spec, result, whole, days, png)
             create_markdown_artifact(markdown=markdown, key=f"slo-report-{service}",
                                      description=f"SLO report of {service} for {month}")
             create_table_artifact(table=[_row(spec, d, w) for d, w in days], key=f"slo-days-{service}",
@@ -101,6 +104,7 @@ def slo_report(service: str, month: str | None = None) -> SloResult:
             path = settings.slo_report_dir / f"{service}-{month}.json"
             path.parent.mkdir(parents=True, exist_ok=True)
             path.write_text(result.model_dump_json(indent=2))
+            path.with_suffix(".png").write_bytes(png)
         run.figure("Availability", _pct(result.availability))
         run.figure("SLA", "met" if all(v is not False for v in result.sla_met.values()) else "breached")
         run.figure("Credit", f"{result.credit_percent:g} %")
@@ -163,7 +167,7 @@ def _row(spec: SloSpec, day, w: Window) -> dict:
             "uptime": _pct(w.uptime), "gaps": f"{w.gap_seconds / 60:.0f} min"}
 
 
-def render(spec: SloSpec, r: SloResult, w: Window, days: list) -> str:
+def render(spec: SloSpec, r: SloResult, w: Window, days: list, png: bytes) -> str:
     gaps = "\n".join(f"- {g:%Y-%m-%d %H:%M} UTC, {s / 3600:.2f} h ({s / 60:.0f} min)" for g, s in r.gaps) or "- none"
     lines = [f"# SLO report: {r.service}, {r.month}", "",
              f"{r.hours:.0f} hours in {spec.timezone}; **{r.measured_share:.2%} measured**"
@@ -178,6 +182,8 @@ def render(spec: SloSpec, r: SloResult, w: Window, days: list) -> str:
              f"| error rate | {_pct(r.error_rate)} | ≤ {spec.error_rate:.2%} | {_verdict(r.slo_met['error rate'])} "
              f"| ≤ {spec.sla_error_rate:.2%} | {_verdict(r.sla_met['error rate'])} |", "",
              f"**Service credit: {r.credit_percent:g} %**", "",
+             f"![daily availability, P95 and error budget of {r.service} in {r.month}]"
+             f"(data:image/png;base64,{base64.b64encode(png).decode()})", "",
              "## Error budget", "",
              f"- requests: {_n(r.budget_requests)} allowed to fail, {_n(r.budget_used_requests)} failed"
              + (f" (burn rate {r.burn_rate:.2f}: {max(0.0, 1 - r.burn_rate):.0%} left)" if r.burn_rate is not None else ""),

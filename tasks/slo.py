@@ -257,3 +257,50 @@ def quantile(buckets: list[tuple[float, float]], q: float) -> float | None:
             return previous_le + (le - previous_le) * (rank - previous_count) / (count - previous_count)
         previous_le, previous_count = le, count
     return previous_le
+
+
+def chart(spec: SloSpec, month: str, days: list[tuple[date, Window]], budget_requests: float | None) -> bytes:
+    """A PNG: daily availability and P95 against their targets, and the error budget
+    left through the month. Days without data are left out of the lines (not drawn as
+    good); days with gaps are shaded."""
+    import io
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from matplotlib import pyplot as plt
+
+    x = [d for d, _ in days]
+    fig, (top, middle, bottom) = plt.subplots(3, 1, figsize=(10, 8.5), sharex=True, dpi=90)
+    avail = [w.availability * 100 if w.availability is not None else float("nan") for _, w in days]
+    top.plot(x, avail, marker="o", ms=3, label="availability (requests)")
+    top.axhline(spec.availability * 100, color="green", ls="--", label=f"SLO {spec.availability:.2%}")
+    top.axhline(spec.sla_availability * 100, color="red", ls=":", label=f"SLA {spec.sla_availability:.2%}")
+    top.set_ylabel("%")
+    top.set_title(f"{month}: daily availability")
+    p95 = [w.p95_seconds * 1000 if w.p95_seconds is not None else float("nan") for _, w in days]
+    middle.plot(x, p95, marker="o", ms=3, color="purple", label="P95")
+    middle.axhline(spec.latency_threshold_seconds * 1000, color="green", ls="--", label="SLO threshold")
+    middle.axhline(spec.sla_latency_seconds * 1000, color="red", ls=":", label="SLA P95")
+    middle.set_ylabel("ms")
+    middle.set_title("daily P95 latency")
+    left, spent = [], 0.0
+    for _, w in days:
+        spent += w.errors or 0
+        left.append(100 * (1 - spent / budget_requests) if budget_requests else float("nan"))
+    bottom.plot(x, left, color="darkorange", label="error budget left")
+    bottom.axhline(0, color="red", lw=0.8)
+    bottom.set_ylabel("% of the month's budget")
+    bottom.set_title("error budget burn-down")
+    for axis in (top, middle, bottom):
+        for d, w in days:
+            if w.gaps:
+                axis.axvspan(d, d + timedelta(days=1), color="grey", alpha=0.25)
+        axis.legend(loc="lower left", fontsize=8)
+        axis.grid(alpha=0.3)
+    fig.autofmt_xdate()
+    fig.tight_layout()
+    out = io.BytesIO()
+    fig.savefig(out, format="png")
+    plt.close(fig)
+    return out.getvalue()

@@ -124,6 +124,21 @@ def test_a_month_with_an_outage_and_a_slow_day_matches_the_hand_computation(mont
     assert r.worst_days[0] == f"2026-11-10 {1 - errors / 1_440_000:.4%}"
     saved = json.loads((tmp_path / "reports" / "api-2026-11.json").read_text())
     assert saved["availability"] == pytest.approx(r.availability)
+    assert (tmp_path / "reports" / "api-2026-11.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    report = _artifact("slo-report-api")
+    assert "](data:image/png;base64,iVBOR" in report and "**Service credit: 0 %**" in report
+    assert "| availability (requests) | 99.8843% | ≥ 99.90% | **breached** | ≥ 99.50% | met |" in report
+    assert "| 2026-11-10 | 1440000 | 96.5278% |" in report
+
+
+def _artifact(key: str) -> str:
+    from prefect.client.orchestration import get_client
+
+    with get_client(sync_client=True) as client:
+        found = client.request("POST", "/artifacts/filter", json={
+            "artifacts": {"key": {"any_": [key]}}, "sort": "CREATED_DESC", "limit": 1}).json()
+    assert found, f"no artifact {key}"
+    return found[0]["data"]
 
 
 def test_a_ten_hour_breach_earns_the_25_percent_credit(month_prometheus, configure):
@@ -137,6 +152,8 @@ def test_a_six_hour_gap_is_reported_as_a_gap_not_as_good(month_prometheus, confi
     configure(month_prometheus)
     r = slo_report("gappy", month="2026-11")
     assert [(g.isoformat(), s) for g, s in r.gaps] == [("2026-11-15T12:00:00+00:00", 21600.0)]
+    assert "- 2026-11-15 12:00 UTC, 6.00 h (360 min)" in _artifact("slo-report-gappy")
+    assert "**99.17% measured** (the gaps below are not counted as good)" in _artifact("slo-report-gappy")
     assert r.measured_share == pytest.approx(1 - 6 / 720)
     assert r.uptime == 1.0  # of the time measured; the gap is not counted as up
 
