@@ -304,3 +304,40 @@ def chart(spec: SloSpec, month: str, days: list[tuple[date, Window]], budget_req
     fig.savefig(out, format="png")
     plt.close(fig)
     return out.getvalue()
+
+
+# Multiwindow, multi-burn-rate alerts (the Google SRE workbook's table): a burn rate of
+# 14.4 spends 2 % of a 30-day budget in an hour; each alert needs its long and its short
+# window over the rate, so it fires fast and stops soon after the burning does.
+BURN_ALERTS = (
+    ("SLOErrorBudgetBurnFast", "critical", ((14.4, "1h", "5m"), (6, "6h", "30m")),
+     "page: at this rate the month's error budget is gone in days"),
+    ("SLOErrorBudgetBurnSlow", "warning", ((3, "1d", "2h"), (1, "3d", "6h")),
+     "ticket: the month's error budget runs out before the month does"),
+)
+WINDOWS = ("5m", "30m", "1h", "2h", "6h", "1d", "3d")
+
+
+def burn_rate_rules(specs: dict[str, SloSpec], jobs: dict[str, str]) -> dict:
+    """Prometheus rule groups for every service's availability SLO: the error ratio
+    recorded over each window, and the two burn-rate alerts."""
+    groups = []
+    for service, spec in sorted(specs.items()):
+        job, budget = jobs.get(service, service), 1 - spec.availability
+        rules: list[dict] = []
+        for window in WINDOWS:
+            def render(q: str) -> str:
+                return q.replace("$job", job).replace("$service", service).replace("$window", window)
+            rules.append({"record": f"slo:error_ratio:{window}",
+                          "expr": f"({render(spec.errors_query)} or vector(0)) / {render(spec.requests_query)}",
+                          "labels": {"service": service}})
+        for name, severity, pairs, what in BURN_ALERTS:
+            sel = f'{{service="{service}"}}'
+            expr = " or ".join(f"(slo:error_ratio:{long}{sel} > {factor:g} * {budget:g} and "
+                               f"slo:error_ratio:{short}{sel} > {factor:g} * {budget:g})"
+                               for factor, long, short in pairs)
+            rules.append({"alert": name, "expr": expr, "labels": {"severity": severity, "service": service},
+                          "annotations": {"summary": f"{service}: errors at {{{{ $value | humanizePercentage }}}} of "
+                                                     f"requests burn its {spec.availability:.2%} SLO's budget ({what})"}})
+        groups.append({"name": f"slo-{service}", "rules": rules})
+    return {"groups": groups}

@@ -54,3 +54,20 @@ def test_a_broken_rule_is_refused(tmp_path):
     bad.write_text("groups:\n  - name: x\n    rules:\n      - alert: Broken\n        expr: up ==\n")
     proc = subprocess.run([tool("promtool"), "check", "rules", str(bad)], capture_output=True, text=True)
     assert proc.returncode == 1 and '"Broken": could not parse expression' in proc.stdout + proc.stderr
+
+
+def test_the_burn_rate_rules_are_what_runbooks_slo_rules_writes_and_their_unit_tests_pass(tmp_path, write_config):
+    from typer.testing import CliRunner
+
+    from deployments.cli import app
+
+    write_config(f'[services.api]\nbase_url = "http://127.0.0.1:8000"\ncontroller = {{ kind = "process", '
+                 f'command = ["true"], pid_file = "{tmp_path}/p", log_file = "{tmp_path}/l" }}\n[slo.api]\n')
+    written = tmp_path / "slo-rules.yml"
+    result = CliRunner().invoke(app, ["slo", "rules", "--output", str(written)])
+    assert result.exit_code == 0, result.output
+    assert written.read_text() == (MONITORING / "slo-rules.yml").read_text()  # the committed file is current
+    assert "SUCCESS: 9 rules found" in check([tool("promtool"), "check", "rules", "slo-rules.yml"])
+    assert "SUCCESS" in check([tool("promtool"), "test", "rules", "slo_rules_test.yml"], cwd=MONITORING / "tests")
+    rules = [r for g in yaml.safe_load(written.read_text())["groups"] for r in g["rules"] if "alert" in r]
+    assert {r["labels"]["severity"] for r in rules} <= set(_SEVERITY)
