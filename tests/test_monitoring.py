@@ -3,6 +3,8 @@ load them (promtool, amtool) and against what the receiver and the runbooks expe
 
 from __future__ import annotations
 
+import json
+import re
 import shutil
 import subprocess
 from pathlib import Path
@@ -71,3 +73,39 @@ def test_the_burn_rate_rules_are_what_runbooks_slo_rules_writes_and_their_unit_t
     assert "SUCCESS" in check([tool("promtool"), "test", "rules", "slo_rules_test.yml"], cwd=MONITORING / "tests")
     rules = [r for g in yaml.safe_load(written.read_text())["groups"] for r in g["rules"] if "alert" in r]
     assert {r["labels"]["severity"] for r in rules} <= set(_SEVERITY)
+
+
+def _exported_metrics() -> set[str]:
+    """Every metric name something in the project exports (as Prometheus exposes it)."""
+    root = MONITORING.parent
+    names = {"up"}
+    kinds = re.compile(r'(Counter|Gauge|Histogram|GaugeMetricFamily)\(\s*"([a-z_:]+)"')
+    for path in [root / "demo" / "service.py", *sorted((root / "deployments").glob("*.py"))]:
+        for kind, name in kinds.findall(path.read_text()):
+            names |= {name.removesuffix("_total") + "_total"} if kind == "Counter" else \
+                {name + s for s in ("_bucket", "_count", "_sum")} if kind == "Histogram" else {name}
+    names |= set(re.findall(r"# TYPE (runbooks_[a-z_]+) ", (root / "flows" / "health_check.py").read_text()))
+    names |= {r["record"] for g in yaml.safe_load((MONITORING / "slo-rules.yml").read_text())["groups"]
+              for r in g["rules"] if "record" in r}
+    return names
+
+
+def test_every_dashboard_query_parses_and_reads_only_metrics_the_project_exports(tmp_path):
+    exported = _exported_metrics()
+    assert {"fraiseql_http_requests_total", "runbooks_handover_seconds_bucket", "runbooks_probe_success",
+            "slo:error_ratio:1h", "runbooks_incidents_open"} <= exported
+    rules, used = [], set()
+    for path in sorted((MONITORING / "dashboards").glob("*.json")):
+        dashboard = json.loads(path.read_text())
+        assert dashboard["uid"] and dashboard["panels"], path.name
+        for panel in dashboard["panels"]:
+            for target in panel["targets"]:
+                expr = target["expr"].replace("$__rate_interval", "5m").replace("$job", "api")
+                rules.append({"record": f"dashboard:{path.stem.replace('-', '_')}:{panel['id']}{target['refId']}",
+                              "expr": expr})
+                used |= set(re.findall(r"([a-zA-Z_:][a-zA-Z0-9_:]*)\{", expr))
+    assert len(rules) >= 20
+    (tmp_path / "dashboards.yml").write_text(yaml.safe_dump({"groups": [{"name": "dashboards", "rules": rules}]}))
+    assert f"SUCCESS: {len(rules)} rules found" in check([tool("promtool"), "check", "rules", "dashboards.yml"],
+                                                        cwd=tmp_path)
+    assert used and used <= exported, sorted(used - exported)

@@ -366,3 +366,7 @@ def test_metrics_export_the_runbooks_own_health_from_prefects_record(deployment)
     assert lines[f'runbooks_last_run_failed{{flow="{flow}",target="users"}}'] == 0.0  # failed, then passed
     assert "runbooks_health_read_ok 1.0" in text
     assert 'flow="health-check"' not in text
+    assert lines[f'runbooks_recent_runs{{flow="{flow}",outcome="completed"}}'] == 2.0
+    assert lines[f'runbooks_recent_runs{{flow="{flow}",outcome="failed"}}'] == 2.0
+    assert lines[f'runbooks_last_success_duration_seconds{{flow="{flow}",target="orders"}}'] >= 0
+    assert "runbooks_incidents_open " in text
