@@ -5,93 +5,22 @@ figures computed by hand."""
 from __future__ import annotations
 
 import json
-import shutil
-import subprocess
-import time
 from collections.abc import Iterator
-from datetime import datetime, timezone
 from pathlib import Path
 
-import httpx
 import pytest
 
 from flows.slo_report import slo_report
 from tasks.prometheus import PrometheusDown
 from tasks.slo import SloSpec, days_of, month_bounds, quantile, under
-from tests.conftest import free_port, need
-
-START = int(datetime(2026, 11, 1, tzinfo=timezone.utc).timestamp())
-STEP = 300  # a sample every 5 minutes
-MINUTES = 30 * 1440
-PER_STEP = 5000  # requests per 5 minutes: 1,000 a minute
-OUTAGE = (int(datetime(2026, 11, 10, 10, tzinfo=timezone.utc).timestamp()), 50 * 60)  # 50 min of 5xx, probe down
-SLOW_DAY = int(datetime(2026, 11, 20, tzinfo=timezone.utc).timestamp())  # every request 100-250 ms
-GAP = (int(datetime(2026, 11, 15, 12, tzinfo=timezone.utc).timestamp()), 6 * 3600)  # no samples at all
-BREACH = (int(datetime(2026, 11, 5, tzinfo=timezone.utc).timestamp()), 600 * 60)  # 10 hours of 5xx
-
-
-def _series(job: str, outage: tuple[int, int] | None = None, slow: int | None = None,
-            gap: tuple[int, int] | None = None, traffic: bool = True) -> list[str]:
-    ok = bad = 0
-    buckets = {"0.05": 0, "0.1": 0, "0.25": 0, "+Inf": 0}
-    lines: list[str] = []
-    for i in range(MINUTES // 5 + 1):
-        t = START + i * STEP
-        down = outage is not None and outage[0] <= t - STEP < outage[0] + outage[1]  # the 5 min just past
-        if i:
-            if down:
-                bad += PER_STEP
-            else:
-                ok += PER_STEP
-            fast = not (slow is not None and slow <= t - STEP < slow + 86400)
-            for le in buckets:
-                if fast or le in ("0.25", "+Inf"):
-                    buckets[le] += PER_STEP
-        if gap is not None and gap[0] < t < gap[0] + gap[1]:
-            continue
-        lines.append(f'up{{job="{job}",instance="x"}} 1 {t}')
-        probe_down = outage is not None and outage[0] <= t < outage[0] + outage[1]
-        lines.append(f'runbooks_probe_success{{service="{job}",probe="health"}} {0 if probe_down else 1} {t}')
-        if traffic:
-            lines.append(f'fraiseql_http_requests_total{{job="{job}",status="200"}} {ok} {t}')
-            lines.append(f'fraiseql_http_requests_total{{job="{job}",status="500"}} {bad} {t}')
-            lines += [f'fraiseql_query_duration_seconds_bucket{{job="{job}",le="{le}"}} {n} {t}'
-                      for le, n in buckets.items()]
-    return lines
+from tests.conftest import free_port
+from tests.slo_month import backfilled_prometheus
 
 
 @pytest.fixture(scope="module")
 def month_prometheus(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    binary, promtool = shutil.which("prometheus"), shutil.which("promtool")
-    need(binary is not None and promtool is not None, "prometheus is not installed (apt-get install prometheus)")
-    root = tmp_path_factory.mktemp("slo-prometheus")
-    by_metric: dict[str, list[str]] = {}
-    for line in (_series("api", outage=OUTAGE, slow=SLOW_DAY) + _series("gappy", gap=GAP)
-                 + _series("quiet", traffic=False) + _series("breach", outage=BREACH)):
-        by_metric.setdefault(line.split("{")[0], []).append(line)
-    types = {"up": "gauge", "runbooks_probe_success": "gauge", "fraiseql_http_requests_total": "counter",
-             "fraiseql_query_duration_seconds_bucket": "counter"}
-    text = [f"# TYPE {m} {types[m]}\n" + "\n".join(v) for m, v in by_metric.items()]
-    data = root / "month.om"
-    data.write_text("\n".join(text) + "\n# EOF\n")
-    subprocess.run([promtool, "tsdb", "create-blocks-from", "openmetrics", "--max-block-duration=720h",
-                    str(data), str(root / "tsdb")], check=True, capture_output=True, timeout=300)
-    (root / "prometheus.yml").write_text("global:\n  scrape_interval: 1m\n")
-    port = free_port()
-    proc = subprocess.Popen([binary, f"--config.file={root / 'prometheus.yml'}", f"--storage.tsdb.path={root / 'tsdb'}",
-                             "--storage.tsdb.retention.time=3650d", f"--web.listen-address=127.0.0.1:{port}",
-                             "--log.level=warn"], stdout=subprocess.DEVNULL, stderr=open(root / "log", "wb"))
-    url = f"http://127.0.0.1:{port}"
-    for _ in range(200):
-        try:
-            if httpx.get(f"{url}/-/ready", timeout=1).status_code == 200:
-                break
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.1)
-    yield url
-    proc.terminate()
-    proc.wait(timeout=20)
+    with backfilled_prometheus(tmp_path_factory.mktemp("slo-prometheus")) as url:
+        yield url
 
 
 @pytest.fixture
@@ -201,3 +130,16 @@ def test_histogram_arithmetic():
     assert under(buckets, 0.1) == 90 and under(buckets, 0.075) == pytest.approx(70)
     assert quantile(buckets, 0.95) == pytest.approx(0.1 + 0.15 * 0.5)
     assert under([], 0.1) is None and quantile([], 0.5) is None
+
+
+def test_runbooks_slo_report_by_hand(month_prometheus, configure, tmp_path):
+    from typer.testing import CliRunner
+
+    from deployments.cli import app
+
+    configure(month_prometheus, services=("breach",))
+    result = CliRunner().invoke(app, ["slo", "report", "breach", "--month", "2026-11"])
+    assert result.exit_code == 0, result.output
+    assert f"report: {tmp_path / 'reports' / 'breach-2026-11.json'}" in result.output
+    unknown = CliRunner().invoke(app, ["slo", "report", "api", "--month", "2026-11"])
+    assert "no [slo.api] in runbooks.toml (configured: breach)" in str(unknown.exception)
