@@ -1,12 +1,13 @@
 """A month of synthetic metrics for the SLO report, backfilled into Debian's Prometheus
 with `promtool tsdb create-blocks-from openmetrics`: a sample every 5 minutes through
-November 2026 (UTC), 1,000 requests a minute, for four services:
+November 2026 (UTC), 1,000 requests a minute, for five services:
 
 - `api`: a 50-minute outage of 5xx answers (its probe down) on 10 November from 10:00,
   and every request of 20 November between 100 and 250 ms;
 - `gappy`: no samples at all for 6 hours from 15 November 12:00;
 - `quiet`: scraped and probed, no requests;
-- `breach`: 10 hours of 5xx from 5 November 00:00.
+- `breach`: 10 hours of 5xx from 5 November 00:00;
+- `green`: nothing wrong.
 """
 
 from __future__ import annotations
@@ -63,7 +64,7 @@ def _series(job: str, outage: tuple[int, int] | None = None, slow: int | None = 
 
 @contextmanager
 def backfilled_prometheus(root: Path) -> Iterator[str]:
-    """Debian's Prometheus holding November 2026 for four services (below), on a free
+    """Debian's Prometheus holding November 2026 for five services (above), on a free
     loopback port, for the block."""
     from tests.conftest import free_port, need
 
@@ -72,7 +73,7 @@ def backfilled_prometheus(root: Path) -> Iterator[str]:
     root.mkdir(parents=True, exist_ok=True)
     by_metric: dict[str, list[str]] = {}
     for line in (_series("api", outage=OUTAGE, slow=SLOW_DAY) + _series("gappy", gap=GAP)
-                 + _series("quiet", traffic=False) + _series("breach", outage=BREACH)):
+                 + _series("quiet", traffic=False) + _series("breach", outage=BREACH) + _series("green")):
         by_metric.setdefault(line.split("{")[0], []).append(line)
     types = {"up": "gauge", "runbooks_probe_success": "gauge", "fraiseql_http_requests_total": "counter",
              "fraiseql_query_duration_seconds_bucket": "counter"}

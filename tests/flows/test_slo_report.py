@@ -25,7 +25,7 @@ def month_prometheus(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
 
 @pytest.fixture
 def configure(write_config, tmp_path):
-    def make(prom_url: str, services: tuple[str, ...] = ("api", "gappy", "quiet", "breach")) -> Path:
+    def make(prom_url: str, services: tuple[str, ...] = ("api", "gappy", "quiet", "breach", "green")) -> Path:
         text = f'slo_report_dir = "{tmp_path / "reports"}"\n[prometheus]\nurl = "{prom_url}"\n'
         for name in services:
             text += (f'[services.{name}]\nbase_url = "http://127.0.0.1:1"\ncontroller = {{ kind = "process", '
@@ -75,6 +75,15 @@ def test_a_ten_hour_breach_earns_the_25_percent_credit(month_prometheus, configu
     r = slo_report("breach", month="2026-11")
     assert r.availability == pytest.approx(1 - 600_000 / 43_200_000)  # 98.61 %
     assert r.sla_met["availability"] is False and r.credit_percent == 25
+
+
+def test_an_all_green_month_meets_everything_and_owes_no_credit(month_prometheus, configure):
+    configure(month_prometheus)
+    r = slo_report("green", month="2026-11")
+    assert r.availability == 1 and r.uptime == 1 and r.error_rate == 0 and r.burn_rate == 0
+    assert r.slo_met == {"availability": True, "latency": True, "error rate": True}
+    assert r.sla_met == {"availability": True, "latency": True, "error rate": True} and r.credit_percent == 0
+    assert r.p95_seconds == pytest.approx(0.05 * 0.95)
 
 
 def test_a_six_hour_gap_is_reported_as_a_gap_not_as_good(month_prometheus, configure):
@@ -143,3 +152,14 @@ def test_runbooks_slo_report_by_hand(month_prometheus, configure, tmp_path):
     assert f"report: {tmp_path / 'reports' / 'breach-2026-11.json'}" in result.output
     unknown = CliRunner().invoke(app, ["slo", "report", "api", "--month", "2026-11"])
     assert "no [slo.api] in runbooks.toml (configured: breach)" in str(unknown.exception)
+
+
+def test_raw_samples_come_as_scraped_once_each_across_chunk_edges(month_prometheus):
+    from datetime import timedelta
+
+    from tasks.prometheus import PrometheusConfig, raw_samples
+
+    start, end = month_bounds("2026-11", SloSpec().zone)
+    (series,) = raw_samples(PrometheusConfig(url=month_prometheus), 'up{job="api"}', start, start + timedelta(days=2))
+    times = [t for t, _ in series]
+    assert len(times) == 2 * 288 + 1 and times == sorted(set(times))  # every 5 minutes, both ends, none twice

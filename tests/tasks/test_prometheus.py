@@ -104,3 +104,60 @@ def test_url_must_be_http_without_credentials(write_config):
     with pytest.raises(ConfigError, match="prometheus.url: must not hold a user or password") as err:
         load_settings()
     assert "s3cret-pw" not in str(err.value)
+
+
+def test_instant_vectors_at_a_time_parse_nan_and_inf(prom):
+    """(Raw samples against a month of data: tests/flows/test_slo_report.py.)"""
+    from datetime import datetime, timedelta, timezone
+
+    from tasks.prometheus import query_at, raw_samples
+
+    now = datetime.now(timezone.utc)
+    promql = ('label_replace(vector(1) / vector(0), "x", "inf", "", "") or '
+              'label_replace(vector(0) / vector(0), "x", "nan", "", "") or '
+              'label_replace(vector(-1) / vector(0), "x", "neg", "", "")')
+    values = {labels["x"]: value for labels, value in query_at(prom, promql, now)}
+    assert values["inf"] == float("inf") and values["neg"] == float("-inf") and values["nan"] != values["nan"]
+    assert query_at(prom, "scalar(vector(3))", now) == [({}, 3.0)]
+    assert query_at(prom, "nothing_here", now) == []
+    assert raw_samples(prom, 'never_scraped{job="x"}', now - timedelta(seconds=20), now) == []
+    with pytest.raises(MetricsUnavailable, match="ranges only allowed for vector selectors"):
+        raw_samples(prom, "sum(up)", now - timedelta(seconds=5), now)
+
+
+def test_a_prometheus_answering_5xx_is_asked_again_and_a_bad_query_is_not(standin):
+    from datetime import datetime, timezone
+
+    from tasks.prometheus import PrometheusDown, query_at
+
+    calls: list[str] = []
+
+    class Flaky(BaseHTTPRequestHandler):
+        def do_GET(self) -> None:  # noqa: N802
+            calls.append(self.path)
+            status, body = ((503, b'{"status": "error", "errorType": "unavailable", "error": "starting"}')
+                            if len(calls) < 3 else (200, b'{"status": "success", "data": {"resultType": "vector", '
+                                                         b'"result": [{"metric": {}, "value": [1, "2.5"]}]}}'))
+            self.send_response(status)
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Flaky)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    now = datetime.now(timezone.utc)
+    try:
+        flaky = PrometheusConfig(url=f"http://127.0.0.1:{server.server_port}", timeout=1)
+        assert query_at(flaky, "up", now) == [({}, 2.5)] and len(calls) == 3  # two 503s, then the answer
+        calls.clear()
+        with pytest.raises(PrometheusDown, match="answered HTTP 503: starting"):
+            query_at(flaky, "up", now, retries=1)
+        assert len(calls) == 2
+    finally:
+        server.shutdown()
+    bad = standin(400, b'{"status": "error", "errorType": "bad_data", "error": "parse error"}')
+    with pytest.raises(MetricsUnavailable, match="rejected the query 'up ==': bad_data: parse error") as err:
+        query_at(bad, "up ==", now)
+    assert not isinstance(err.value, PrometheusDown)
