@@ -105,10 +105,11 @@ def test_a_worker_without_runbooks_home_fails_the_run_with_one_line(pg_server, t
             deployment = deployments_by_name(client)["backup-orders"]
             rid = client.post(f"/deployments/{deployment['id']}/create_flow_run", json={}).json()["id"]
             final = wait_final(client, rid)
-            logs = client.post("/logs/filter", json={"logs": {"flow_run_id": {"any_": [rid]}}}).json()
-        assert final["state_type"] == "FAILED", final["state"]
-        assert final["state"]["message"].startswith("RUNBOOKS_HOME is not set where this worker runs")
-        assert any(lg["message"] == final["state"]["message"] for lg in logs)
+            assert final["state_type"] == "FAILED", final["state"]
+            assert final["state"]["message"].startswith("RUNBOOKS_HOME is not set where this worker runs")
+            # The worker ships its log lines in batches, so the line may land after the state.
+            wait_for(lambda: any(lg["message"] == final["state"]["message"] for lg in client.post(
+                "/logs/filter", json={"logs": {"flow_run_id": {"any_": [rid]}}}).json()), 30, "the run's log line")
         out = worker.output()
         assert "Traceback" not in out and "FileNotFoundError" not in out, out
     finally:
