@@ -4,7 +4,7 @@ say against its objectives, the error budget, the SLA commitments and the credit
 from __future__ import annotations
 
 import base64
-from datetime import datetime, timedelta
+from datetime import datetime, timedelta, timezone
 
 from prefect import flow
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
@@ -83,6 +83,9 @@ def slo_report(service: str, month: str | None = None) -> SloResult:
         start, end = slo.month_bounds(month, spec.zone)
     except ValueError:
         raise ConfigError(f"month must be YYYY-MM (got {month!r})") from None
+    if end > datetime.now(timezone.utc):
+        raise ConfigError(f"{month} has not ended yet (it ends {end:%Y-%m-%d %H:%M} UTC): a month is reported "
+                          "once it is over")
     job = settings.service(service).prometheus_job or service
     with RunReport("SLO report run", f"{service} {month}") as run:
         with run.step("read the month's samples") as step:

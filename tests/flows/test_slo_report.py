@@ -116,6 +116,17 @@ def test_prometheus_down_is_tried_again_then_a_clear_failure_without_a_report(co
     assert all("2026-10" not in (a.get("description") or "") for a in found)
 
 
+def test_a_month_that_has_not_ended_or_is_not_a_month_is_refused(configure):
+    from tasks.errors import ConfigError
+
+    configure(f"http://127.0.0.1:{free_port()}", services=("api",))
+    with pytest.raises(ConfigError, match=r"2099-01 has not ended yet \(it ends 2099-02-01 00:00 UTC\)"):
+        slo_report("api", month="2099-01")
+    for bad in ("2026-13", "November"):
+        with pytest.raises(ConfigError, match="month must be YYYY-MM"):
+            slo_report("api", month=bad)
+
+
 def test_months_in_a_zone_february_and_a_dst_change():
     from zoneinfo import ZoneInfo
 
