@@ -29,7 +29,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import os
 import statistics
 import sys
 import tempfile
@@ -43,7 +42,7 @@ sys.path.insert(0, str(REPO))
 
 import httpx  # noqa: E402
 
-from tests.conftest import free_port  # noqa: E402
+from tests.conftest import ADMIN_DSN, free_port, sample_database  # noqa: E402
 from tests.e2e.conftest import BIN, alerts_section, api_client, base_env, spawn, start_server, wait_for  # noqa: E402
 from tests.http_load import storm  # noqa: E402
 
@@ -165,23 +164,14 @@ def drill() -> dict:
     """The whole path once: the demo service hangs, Prometheus fires ServiceDown,
     Alertmanager posts, the incident runs service-restart; each moment as the system
     that knows it recorded it."""
-    import psycopg
-
-    from demo.sample_data import build
     from demo.service import runbooks_section
     from tests.e2e.conftest import AlertPorts, alert_sections, alert_stack, ready, write_config
     from tests.slack_standin import running_standin
 
-    admin = os.environ.get("RUNBOOKS_TEST_PG", "postgresql://postgres@127.0.0.1:5432/postgres")
-    dbname = f"rb_bench_alerts_{uuid.uuid4().hex[:6]}"
-    with psycopg.connect(admin, autocommit=True) as conn:
-        conn.execute(f'CREATE DATABASE "{dbname}"')
-    dsn = psycopg.conninfo.make_conninfo(admin, dbname=dbname)
     root = Path(tempfile.mkdtemp(prefix="runbooks-bench-drill-"))
     api_port, ports = free_port(), AlertPorts()
     service = f"http://127.0.0.1:{api_port}"
-    try:
-        build(dsn, rows=3000)
+    with sample_database(ADMIN_DSN, "rb_bench_alerts") as dsn:
         with running_standin() as slack:
             config = write_config(root / "runbooks.toml", dsn, root / "backups")
             config.write_text(config.read_text() + runbooks_section(dsn, api_port, root, ready_deadline_seconds=30,
@@ -221,9 +211,6 @@ def drill() -> dict:
                         pass
                     time.sleep(0.05)
                 assert healthy, "the service did not come back"
-    finally:
-        with psycopg.connect(admin, autocommit=True) as conn:
-            conn.execute(f'DROP DATABASE IF EXISTS "{dbname}" WITH (FORCE)')
     created, started = _ts(incident["created"]), _ts(incident["start_time"])
     runbook = _ts(restart["start_time"])
     fired = firing_seen  # the first evaluation after for: had passed, as Prometheus' API showed it

@@ -29,7 +29,6 @@ import statistics
 import sys
 import tempfile
 import time
-import uuid
 from datetime import datetime
 from pathlib import Path
 
@@ -40,11 +39,12 @@ import httpx  # noqa: E402
 import psycopg  # noqa: E402
 import redis  # noqa: E402
 
-from tests.conftest import free_port  # noqa: E402
+from tests.conftest import ADMIN_DSN, free_port, sample_database  # noqa: E402
 from tests.e2e.conftest import (BIN, AlertPorts, alert_sections, alert_stack, api_client, run,  # noqa: E402
                                 wait_for, write_config)
 from tests.e2e.test_security import ROUTES, TOKEN, Traffic, _firing, _runs  # noqa: E402
-from tests.security_stack import LIMITS, REDIS_URL, new_key, security_section, usual_use  # noqa: E402
+from tests.security_stack import LIMITS, new_key, security_section, usual_use  # noqa: E402
+from tests.shared_redis import REDIS_URL, redis_namespace  # noqa: E402
 
 RESULTS = REPO / "benchmarks" / "results" / "security.json"
 TARGET_SECONDS = 10.0
@@ -77,21 +77,14 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeat", type=int, default=5)
     args = parser.parse_args()
-    from demo.sample_data import build
     from demo.service import runbooks_section
     from tests.slack_standin import running_standin
 
-    admin = os.environ.get("RUNBOOKS_TEST_PG", "postgresql://postgres@127.0.0.1:5432/postgres")
-    dbname = f"rb_bench_security_{uuid.uuid4().hex[:6]}"
-    with psycopg.connect(admin, autocommit=True) as conn:
-        conn.execute(f'CREATE DATABASE "{dbname}"')
-    dsn = psycopg.conninfo.make_conninfo(admin, dbname=dbname)
     root = Path(tempfile.mkdtemp(prefix="runbooks-bench-security-"))
-    api_port, ports, ns = free_port(), AlertPorts(), f"rbbench:{uuid.uuid4().hex[:8]}:"
+    api_port, ports = free_port(), AlertPorts()
     rows: list[dict[str, float]] = []
     hand: list[float] = []
-    try:
-        build(dsn, rows=3000)
+    with sample_database(ADMIN_DSN, "rb_bench_security") as dsn, redis_namespace("rbbench") as (_, ns):
         limits = root / "limits.toml"
         limits.write_text(LIMITS)
         argv = [sys.executable, "-m", "demo.service", "--dsn", dsn, "--port", str(api_port), "--redis", REDIS_URL,
@@ -128,12 +121,6 @@ def main() -> None:
                     print(f"run {i + 1}: " + ", ".join(f"{k} {v:.2f} s" for k, v in row.items()), flush=True)
                     run([str(BIN / "runbooks"), "incident", "resolve", revocation["parameters"]["incident"],
                          "--by", "bench", "--note", "benchmark"], stack["env"])
-    finally:
-        with psycopg.connect(admin, autocommit=True) as conn:
-            conn.execute(f'DROP DATABASE IF EXISTS "{dbname}" WITH (FORCE)')
-        cache = redis.Redis.from_url(REDIS_URL)
-        for key in cache.scan_iter(f"{ns}*"):
-            cache.delete(key)
     summary = {k: {"median": round(statistics.median(r[k] for r in rows), 2), "p95": round(p95([r[k] for r in rows]), 2)}
                for k in rows[0]}
     summary["by_hand_update_del_poll"] = {"median": round(statistics.median(hand), 3), "p95": round(p95(hand), 3)}

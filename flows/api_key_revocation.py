@@ -168,7 +168,7 @@ def _revoke_and_replace(settings: Settings, cfg: SecurityConfig, db: Database, b
                    f"{key.tier}, permissions {', '.join(key.permissions)}; plaintext only in "
                    f"{replacement.delivery_file} (`runbooks api-key claim` reads it once)")
     with run.step("write the ticket and the notices"):
-        _publish_notices(settings, key, evidence, reason, result, replacement, incident)
+        _publish_notices(settings, cfg, key, evidence, reason, result, replacement, incident)
     run.outcome = "revoked" if result.revoked else "already revoked"
     announce(settings, run, Severity.HIGH, f"API key {key.key_prefix}… of user {key.user_id} "
              f"{'revoked' if result.revoked else 'was already revoked'}; the service refuses it (401)."
@@ -199,8 +199,8 @@ def _publish_evidence(key: ApiKey, evidence: Evidence) -> None:
                           description=f"Audit-log evidence for API key {key.id} ({key.key_prefix}…)")
 
 
-def _publish_notices(settings: Settings, key: ApiKey, evidence: Evidence, reason: str, result: RevocationResult,
-                     replacement: Replacement | None, incident: str | None) -> None:
+def _publish_notices(settings: Settings, cfg: SecurityConfig, key: ApiKey, evidence: Evidence, reason: str,
+                     result: RevocationResult, replacement: Replacement | None, incident: str | None) -> None:
     revoked_at = result.revoked_at or datetime.now(timezone.utc)
     accessed = [f"{evidence.requests} requests in the last {evidence.window_hours:g} h, "
                 f"{evidence.rows_returned} rows returned",
@@ -214,9 +214,9 @@ def _publish_notices(settings: Settings, key: ApiKey, evidence: Evidence, reason
     pii = ", ".join(evidence.pii_fields)
     questions = [
         ("How was the key compromised?",
-         "Not known from the audit log. New source addresses in the last "
-         f"{settings.security.auto_revoke.spike_minutes if settings.security else 5:g} min: "
-         f"{', '.join(evidence.new_source_ips) or 'none'}; first use in the window {_when(evidence.first_use)}. "
+         f"Not known from the audit log. New source addresses in the last {cfg.auto_revoke.spike_minutes:g} min: "
+         f"{', '.join(evidence.new_source_ips) or 'none'}; first use in the window "
+         f"{api_keys.when_utc(evidence.first_use)}. "
          "[check where the key was stored and who had it]"),
         ("What access did the attacker gain?",
          f"{evidence.requests} requests ({evidence.refused} refused), {evidence.rows_returned} rows returned; "
@@ -236,6 +236,3 @@ def _publish_notices(settings: Settings, key: ApiKey, evidence: Evidence, reason
     create_markdown_artifact(markdown=markdown, key=f"api-key-notice-{key.id}",
                              description=f"Ticket, customer notice and questions for API key {key.id}")
 
-
-def _when(value: datetime | None) -> str:
-    return f"{value:%Y-%m-%d %H:%M:%S} UTC" if value else "never"

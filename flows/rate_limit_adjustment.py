@@ -108,8 +108,11 @@ def rate_limit_adjustment(scope: ScopeKind, limit: int, target: str | None = Non
     with RunReport("Rate-limit adjustment", sc.label) as run, exclusive("rate-limit", sc.slug):
         cache = None if permanent and cfg.redis_url is None else rate_limits.open_cache(cfg)
         with run.step("read the current limit") as step:
-            before = rate_limits.read(cache, cfg, sc) if cache else Current(
-                value=rate_limits.default_for(cfg.rate_limits, sc), default=rate_limits.default_for(cfg.rate_limits, sc))
+            if cache:
+                before = rate_limits.read(cache, cfg, sc)
+            else:  # a permanent change with no Redis: the default is all there is
+                default = rate_limits.default_for(cfg.rate_limits, sc)
+                before = Current(value=default, default=default)
             step.detail = before.describe()
         run.figure("Limit before", before.describe())
         with run.step("assess the traffic") as step:

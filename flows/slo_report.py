@@ -99,10 +99,11 @@ def slo_report(service: str, month: str | None = None) -> SloResult:
         result = _result(spec, service, month, whole, days, settings.slo_report_dir)
         with run.step("publish the report"):
             png = slo.chart(spec, month, days, result.budget_requests)
-            markdown = render(spec, result, whole, days, png)
+            rows = [_row(d, w) for d, w in days]
+            markdown = render(spec, result, rows, png)
             create_markdown_artifact(markdown=markdown, key=f"slo-report-{service}",
                                      description=f"SLO report of {service} for {month}")
-            create_table_artifact(table=[_row(spec, d, w) for d, w in days], key=f"slo-days-{service}",
+            create_table_artifact(table=rows, key=f"slo-days-{service}",
                                   description=f"{service}, {month}, day by day")
             path = settings.slo_report_dir / f"{service}-{month}.json"
             path.parent.mkdir(parents=True, exist_ok=True)
@@ -164,13 +165,13 @@ def _verdict(met: bool | None) -> str:
     return "no data" if met is None else "met" if met else "**breached**"
 
 
-def _row(spec: SloSpec, day, w: Window) -> dict:
+def _row(day, w: Window) -> dict:
     return {"day": f"{day:%Y-%m-%d}", "requests": int(w.requests or 0), "availability": _pct(w.availability),
             "error rate": _pct(w.error_rate), "latency SLI": _pct(w.latency_sli), "P95": _ms(w.p95_seconds),
             "uptime": _pct(w.uptime), "gaps": f"{w.gap_seconds / 60:.0f} min"}
 
 
-def render(spec: SloSpec, r: SloResult, w: Window, days: list, png: bytes) -> str:
+def render(spec: SloSpec, r: SloResult, rows: list[dict], png: bytes) -> str:
     gaps = "\n".join(f"- {g:%Y-%m-%d %H:%M} UTC, {s / 3600:.2f} h ({s / 60:.0f} min)" for g, s in r.gaps) or "- none"
     lines = [f"# SLO report: {r.service}, {r.month}", "",
              f"{r.hours:.0f} hours in {spec.timezone}; **{r.measured_share:.2%} measured**"
@@ -198,7 +199,7 @@ def render(spec: SloSpec, r: SloResult, w: Window, days: list, png: bytes) -> st
              "## Day by day", "", "| day | requests | availability | error rate | latency SLI | P95 | uptime | gaps |",
              "|---|---:|---:|---:|---:|---:|---:|---:|",
              *(f"| {x['day']} | {x['requests']} | {x['availability']} | {x['error rate']} | {x['latency SLI']} | "
-               f"{x['P95']} | {x['uptime']} | {x['gaps']} |" for x in (_row(spec, d, dw) for d, dw in days))]
+               f"{x['P95']} | {x['uptime']} | {x['gaps']} |" for x in rows)]
     return "\n".join(lines) + "\n"
 
 

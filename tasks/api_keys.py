@@ -133,7 +133,7 @@ class Evidence(BaseModel):
         """The evidence as (figure, value), for the approval form, the report and the notices."""
         out = [("Requests", f"{self.requests} in the last {self.window_hours:g} h ({self.refused} refused), "
                             f"{self.rows_returned} rows returned"),
-               ("First and last use", f"{_at(self.first_use)}; {_at(self.last_use)}"),
+               ("First and last use", f"{when_utc(self.first_use)}; {when_utc(self.last_use)}"),
                ("Recent rate", f"{self.recent_per_minute:.1f}/min against a baseline of "
                                f"{self.baseline_per_minute:.2f}/min" + (" (a spike)" if self.rate_spike else "")),
                ("Fields read", ", ".join(f for f, _, _ in self.fields) or "none"),
@@ -149,7 +149,7 @@ class Evidence(BaseModel):
         return [f"{name}: {value}" for name, value in self.summary()]
 
 
-def _at(value: datetime | None) -> str:
+def when_utc(value: datetime | None) -> str:
     return f"{value:%Y-%m-%d %H:%M:%S} UTC" if value else "never"
 
 

@@ -67,14 +67,12 @@ def _api(prom: PrometheusConfig, path: str, params: dict[str, str], promql: str,
     `retries`, a Prometheus that is down is asked again (tasks.retries' delays)."""
     from tasks.retries import RETRY_DELAYS
 
-    for attempt in range(retries + 1):
+    for attempt in range(retries):
         try:
             return _call(prom, path, params, promql)
         except PrometheusDown:
-            if attempt == retries:
-                raise
             time.sleep(RETRY_DELAYS[min(attempt, len(RETRY_DELAYS) - 1)])
-    raise AssertionError("unreachable")
+    return _call(prom, path, params, promql)
 
 
 def _call(prom: PrometheusConfig, path: str, params: dict[str, str], promql: str) -> dict:

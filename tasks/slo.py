@@ -145,9 +145,9 @@ class Window(BaseModel):
 
 
 def measure(prom: PrometheusConfig, spec: SloSpec, job: str, service: str, start: datetime, end: datetime,
-            samples: dict[str, list[tuple[float, float]]] | None = None) -> Window:
-    """The window's figures. `samples` are the raw scrape and uptime samples (fetched once
-    for the month and cut per day)."""
+            samples: dict[str, list[tuple[float, float]]]) -> Window:
+    """The window's figures. `samples` are the month's raw scrape and uptime samples
+    (`month_samples`, read once and cut per day)."""
     window = f"{int(round((end - start).total_seconds()))}s"
 
     def render(q: str) -> str:
@@ -162,8 +162,6 @@ def measure(prom: PrometheusConfig, spec: SloSpec, job: str, service: str, start
         w.fast = under(buckets, spec.latency_threshold_seconds)
         w.sla_fast = under(buckets, spec.sla_latency_seconds)
         w.p95_seconds = quantile(buckets, 0.95)
-    if samples is None:
-        samples = month_samples(prom, spec, job, service, start, end)
     scrape = [s for s in samples["scrape"] if start.timestamp() <= s[0] <= end.timestamp()]
     w.gaps = gaps(scrape, start.timestamp(), end.timestamp())
     uptime = [s for s in samples["uptime"] if start.timestamp() <= s[0] <= end.timestamp()]

@@ -7,6 +7,7 @@ import os
 import socket
 import uuid
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import psycopg
@@ -65,6 +66,35 @@ def pg_admin(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     server.cleanup()
 
 
+def _create_database(admin: str, prefix: str) -> tuple[str, str]:
+    name = f"{prefix}_{uuid.uuid4().hex[:8]}"
+    with psycopg.connect(admin, autocommit=True) as conn:
+        conn.execute(f'CREATE DATABASE "{name}"')
+    return name, psycopg.conninfo.make_conninfo(admin, dbname=name)
+
+
+def _drop_databases(admin: str, names: list[str]) -> None:
+    """Drop each database and whatever runs derived from it (restore-test scratch, renamed copies)."""
+    with psycopg.connect(admin, autocommit=True) as conn:
+        for name in names:
+            for (dbname,) in conn.execute("SELECT datname FROM pg_database WHERE datname LIKE %s",
+                                          (f"{name}%",)).fetchall():
+                conn.execute(f'DROP DATABASE IF EXISTS "{dbname}" WITH (FORCE)')
+
+
+@contextmanager
+def sample_database(admin: str, prefix: str, rows: int = 3000) -> Iterator[str]:
+    """A new database with the demo's sample data, for the block (e2e runs, benchmarks)."""
+    from demo.sample_data import build
+
+    name, dsn = _create_database(admin, prefix)
+    try:
+        build(dsn, rows=rows)
+        yield dsn
+    finally:
+        _drop_databases(admin, [name])
+
+
 @pytest.fixture
 def make_database(pg_admin: str) -> Iterator:
     """Factory: a new empty database with a unique name; dropped (with its restore-test
@@ -72,19 +102,12 @@ def make_database(pg_admin: str) -> Iterator:
     created: list[str] = []
 
     def make(prefix: str = "rb_t") -> str:
-        name = f"{prefix}_{uuid.uuid4().hex[:8]}"
-        with psycopg.connect(pg_admin, autocommit=True) as conn:
-            conn.execute(f'CREATE DATABASE "{name}"')
+        name, dsn = _create_database(pg_admin, prefix)
         created.append(name)
-        return psycopg.conninfo.make_conninfo(pg_admin, dbname=name)
+        return dsn
 
     yield make
-    with psycopg.connect(pg_admin, autocommit=True) as conn:
-        for name in created:
-            rows = conn.execute("SELECT datname FROM pg_database WHERE datname LIKE %s",
-                                (f"{name}%",)).fetchall()
-            for (dbname,) in rows:
-                conn.execute(f'DROP DATABASE IF EXISTS "{dbname}" WITH (FORCE)')
+    _drop_databases(pg_admin, created)
 
 
 @pytest.fixture

@@ -13,13 +13,12 @@ from pathlib import Path
 import httpx
 import psycopg
 import pytest
-import redis
 
 from demo.service import runbooks_section
 from tasks.config import load_settings
 from tasks.probes import wait_until_ready
+from tests.shared_redis import REDIS_URL, redis_namespace
 
-REDIS_URL = "redis://127.0.0.1:6379/0"
 # The service's limits file: the standard tier is kept small for the rate-limit tests.
 LIMITS = """# requests per minute per key
 default_rpm = 60
@@ -42,20 +41,15 @@ verify_deadline_seconds = 3
 
 @pytest.fixture
 def security_stack(sample_db, tmp_path, write_config, slack):
-    from tests.conftest import free_port, need  # (conftest imports this module)
+    from tests.conftest import free_port  # (conftest imports this module)
 
-    client = redis.Redis.from_url(REDIS_URL, socket_timeout=2)
-    try:
-        client.ping()
-    except redis.RedisError:
-        need(False, f"Redis at {REDIS_URL} is not reachable")
-    ns = f"rbtest:{uuid.uuid4().hex[:8]}:"  # the service's keys, removed afterwards
-    port = free_port()
-    limits = tmp_path / "limits.toml"
-    limits.write_text(LIMITS)
-    argv = [sys.executable, "-m", "demo.service", "--dsn", sample_db, "--port", str(port), "--redis", REDIS_URL,
-            "--key-prefix", ns, "--limits", str(limits)]
-    text = f"""
+    with redis_namespace() as (_, ns):  # the service's keys
+        port = free_port()
+        limits = tmp_path / "limits.toml"
+        limits.write_text(LIMITS)
+        argv = [sys.executable, "-m", "demo.service", "--dsn", sample_db, "--port", str(port), "--redis", REDIS_URL,
+                "--key-prefix", ns, "--limits", str(limits)]
+        text = f"""
 [databases.orders]
 dsn = "{sample_db}"
 [stores.local]
@@ -69,16 +63,14 @@ slack_api_url = "{slack.url}"
 [security.rate_limits]
 config_file = "{limits}"
 """
-    write_config(text)
-    ctl = load_settings().controller("api")
-    ctl.start()
-    url = f"http://127.0.0.1:{port}"
-    wait_until_ready(url, deadline_seconds=20, interval=0.2)
-    yield {"url": url, "dsn": sample_db, "ns": ns, "tmp": tmp_path, "slack": slack, "ctl": ctl,
-           "text": text, "limits": limits, "port": port}
-    ctl.stop()
-    for key in client.scan_iter(f"{ns}*"):
-        client.delete(key)
+        write_config(text)
+        ctl = load_settings().controller("api")
+        ctl.start()
+        url = f"http://127.0.0.1:{port}"
+        wait_until_ready(url, deadline_seconds=20, interval=0.2)
+        yield {"url": url, "dsn": sample_db, "ns": ns, "tmp": tmp_path, "slack": slack, "ctl": ctl,
+               "text": text, "limits": limits, "port": port}
+        ctl.stop()
 
 
 def new_key(dsn: str, user_id: int = 7, tier: str = "premium",

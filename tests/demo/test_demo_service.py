@@ -15,26 +15,15 @@ import uuid
 import httpx
 import psycopg
 import pytest
-import redis
 
 from tasks.probes import ProbeKind, probe, wait_until_ready
-from tests.conftest import free_port, need
-
-REDIS_URL = "redis://127.0.0.1:6379/0"
-
+from tests.conftest import free_port
+from tests.shared_redis import REDIS_URL, redis_namespace
 
 @pytest.fixture(scope="module")
 def redis_ns():
-    """A key prefix of our own on the shared Redis, removed afterwards."""
-    client = redis.Redis.from_url(REDIS_URL, socket_timeout=2)
-    try:
-        client.ping()
-    except redis.RedisError:
-        need(False, f"Redis at {REDIS_URL} is not reachable")
-    ns = f"rbtest:{uuid.uuid4().hex[:8]}:"
-    yield client, ns
-    for key in client.scan_iter(f"{ns}*"):
-        client.delete(key)
+    with redis_namespace() as (client, ns):
+        yield client, ns
 
 
 def start(dsn: str, ns: str, extra: tuple[str, ...] = ()) -> tuple[subprocess.Popen[bytes], str]:

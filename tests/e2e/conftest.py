@@ -10,7 +10,6 @@ import signal
 import subprocess
 import sys
 import time
-import uuid
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -18,13 +17,12 @@ from pathlib import Path
 from typing import Any
 
 import httpx
-import psycopg
 import pytest
 import yaml
 
 from deployments.environment import QUIET
 from deployments.spec import PROJECT, read_specs
-from tests.conftest import free_port, need
+from tests.conftest import free_port, need, sample_database
 
 BIN = Path(sys.executable).parent
 MONITORING = PROJECT / "monitoring"
@@ -161,18 +159,8 @@ def start_server(home: Path, db_url: str | None = None) -> Server:
 @pytest.fixture(scope="session")
 def e2e_database(pg_admin: str) -> Iterator[str]:
     """A sample database for the e2e runs (the `orders` target)."""
-    from demo.sample_data import build
-
-    name = f"rb_e2e_{uuid.uuid4().hex[:8]}"
-    with psycopg.connect(pg_admin, autocommit=True) as conn:
-        conn.execute(f'CREATE DATABASE "{name}"')
-    dsn = psycopg.conninfo.make_conninfo(pg_admin, dbname=name)
-    build(dsn, rows=3000)
-    yield dsn
-    with psycopg.connect(pg_admin, autocommit=True) as conn:
-        for (db,) in conn.execute("SELECT datname FROM pg_database WHERE datname LIKE %s",
-                                  (f"{name}%",)).fetchall():
-            conn.execute(f'DROP DATABASE IF EXISTS "{db}" WITH (FORCE)')
+    with sample_database(pg_admin, "rb_e2e") as dsn:
+        yield dsn
 
 
 def write_config(path: Path, dsn: str, store: Path) -> Path:

@@ -25,7 +25,8 @@ from tasks.api_keys import claim
 from tests.conftest import free_port
 from tests.e2e.conftest import (BIN, SHOTS, AlertPorts, alert_sections, alert_stack, api_client, choose,
                                 custom_run_form, run, submit_form, wait_final, wait_for, write_config)
-from tests.security_stack import LIMITS, REDIS_URL, call, new_key, security_section, usual_use
+from tests.security_stack import LIMITS, call, new_key, security_section, usual_use
+from tests.shared_redis import REDIS_URL
 from tests.slack_standin import running_standin
 
 TOKEN = "e2e-security-token"

@@ -21,8 +21,9 @@ from tasks.approval import NotApproved
 from tasks.config import load_settings
 from tasks.security import SecurityError
 from tests.conftest import free_port
-from tests.security_stack import (REDIS_URL, artifact, artifacts, attack, call, logs_text, new_key,
-                                  prefect_database_bytes, usual_use)
+from tests.security_stack import (artifact, artifacts, attack, call, logs_text, new_key, prefect_database_bytes,
+                                  usual_use)
+from tests.shared_redis import REDIS_URL
 
 
 def test_a_compromised_key_is_revoked_refused_everywhere_and_replaced(security_stack):

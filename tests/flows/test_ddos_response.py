@@ -10,7 +10,8 @@ import redis
 from flows.ddos_response import ddos_response
 from tasks.approval import NotApproved
 from tests.flows.test_rate_limit_adjustment import fresh_minute, tier_key
-from tests.security_stack import REDIS_URL, artifact, call, new_key, usual_use
+from tests.security_stack import artifact, call, new_key, usual_use
+from tests.shared_redis import REDIS_URL
 
 
 @pytest.fixture

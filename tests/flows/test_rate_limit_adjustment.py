@@ -15,7 +15,8 @@ from flows.rate_limit_adjustment import RevertedEarly, rate_limit_adjustment, ra
 from tasks.config import load_settings
 from tasks.errors import ConfigError
 from tasks.security import SecurityError
-from tests.security_stack import REDIS_URL, artifact, call, new_key
+from tests.security_stack import artifact, call, new_key
+from tests.shared_redis import REDIS_URL
 
 
 def tier_key(ns: str, tier: str = "standard") -> str:

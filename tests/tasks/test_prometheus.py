@@ -37,16 +37,22 @@ def test_no_data_several_series_and_bad_promql_are_clear_errors(prom):
 @pytest.fixture
 def standin():
     """Factory: an HTTP server on loopback answering every GET with (status, body), after
-    `delay` seconds: for answers a real Prometheus does not give."""
+    `delay` seconds, once it has given the `first` answers: for answers a real Prometheus
+    does not give. `calls` collects the paths asked for."""
     servers = []
 
-    def start(status: int, body: bytes, delay: float = 0) -> PrometheusConfig:
+    def start(status: int, body: bytes, delay: float = 0, first: list[tuple[int, bytes]] | None = None,
+              calls: list[str] | None = None) -> PrometheusConfig:
+        queued, seen = list(first or []), calls if calls is not None else []
+
         class Handler(BaseHTTPRequestHandler):
             def do_GET(self) -> None:  # noqa: N802
                 time.sleep(delay)
-                self.send_response(status)
+                seen.append(self.path)
+                answer_status, answer = queued.pop(0) if queued else (status, body)
+                self.send_response(answer_status)
                 self.end_headers()
-                self.wfile.write(body)
+                self.wfile.write(answer)
 
             def log_message(self, *args: object) -> None:
                 pass
@@ -130,33 +136,17 @@ def test_a_prometheus_answering_5xx_is_asked_again_and_a_bad_query_is_not(standi
 
     from tasks.prometheus import PrometheusDown, query_at
 
+    starting = (503, b'{"status": "error", "errorType": "unavailable", "error": "starting"}')
+    answer = b'{"status": "success", "data": {"resultType": "vector", "result": [{"metric": {}, "value": [1, "2.5"]}]}}'
     calls: list[str] = []
-
-    class Flaky(BaseHTTPRequestHandler):
-        def do_GET(self) -> None:  # noqa: N802
-            calls.append(self.path)
-            status, body = ((503, b'{"status": "error", "errorType": "unavailable", "error": "starting"}')
-                            if len(calls) < 3 else (200, b'{"status": "success", "data": {"resultType": "vector", '
-                                                         b'"result": [{"metric": {}, "value": [1, "2.5"]}]}}'))
-            self.send_response(status)
-            self.end_headers()
-            self.wfile.write(body)
-
-        def log_message(self, *args: object) -> None:
-            pass
-
-    server = ThreadingHTTPServer(("127.0.0.1", 0), Flaky)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
     now = datetime.now(timezone.utc)
-    try:
-        flaky = PrometheusConfig(url=f"http://127.0.0.1:{server.server_port}", timeout=1)
-        assert query_at(flaky, "up", now) == [({}, 2.5)] and len(calls) == 3  # two 503s, then the answer
-        calls.clear()
-        with pytest.raises(PrometheusDown, match="answered HTTP 503: starting"):
-            query_at(flaky, "up", now, retries=1)
-        assert len(calls) == 2
-    finally:
-        server.shutdown()
+    flaky = standin(200, answer, first=[starting, starting], calls=calls)
+    assert query_at(flaky, "up", now) == [({}, 2.5)] and len(calls) == 3  # two 503s, then the answer
+    calls.clear()
+    down = standin(*starting, calls=calls)
+    with pytest.raises(PrometheusDown, match="answered HTTP 503: starting"):
+        query_at(down, "up", now, retries=1)
+    assert len(calls) == 2
     bad = standin(400, b'{"status": "error", "errorType": "bad_data", "error": "parse error"}')
     with pytest.raises(MetricsUnavailable, match="rejected the query 'up ==': bad_data: parse error") as err:
         query_at(bad, "up ==", now)

@@ -4,31 +4,19 @@ limits file in place."""
 
 from __future__ import annotations
 
-import uuid
 
 import pytest
-import redis
 
 from tasks import rate_limits
 from tasks.rate_limits import Scope
 from tasks.security import RateLimitsConfig, SecurityConfig, SecurityError
-from tests.conftest import need
-
-REDIS_URL = "redis://127.0.0.1:6379/0"
-
+from tests.shared_redis import REDIS_URL, redis_namespace
 
 @pytest.fixture
 def cfg():
-    client = redis.Redis.from_url(REDIS_URL, socket_timeout=2)
-    try:
-        client.ping()
-    except redis.RedisError:
-        need(False, f"Redis at {REDIS_URL} is not reachable")
-    prefix = f"rbtest:{uuid.uuid4().hex[:8]}:"
-    yield SecurityConfig(redis_url=REDIS_URL, redis_prefix=prefix,
-                         rate_limits=RateLimitsConfig(default_rpm=60, tiers={"premium": 3000}))
-    for key in client.scan_iter(f"{prefix}*"):
-        client.delete(key)
+    with redis_namespace() as (_, prefix):
+        yield SecurityConfig(redis_url=REDIS_URL, redis_prefix=prefix,
+                             rate_limits=RateLimitsConfig(default_rpm=60, tiers={"premium": 3000}))
 
 
 def test_an_override_and_its_record_expire_together_and_restore_what_they_replaced(cfg):
