@@ -26,6 +26,7 @@ from pydantic import BaseModel
 
 from tasks.errors import RunbookError
 from tasks.postgres import Database, connect
+from tasks.report import utc
 from tasks.retries import RETRY_OPTIONS
 from tasks.security import SecurityConfig, SecurityError
 
@@ -150,7 +151,7 @@ class Evidence(BaseModel):
 
 
 def when_utc(value: datetime | None) -> str:
-    return f"{value:%Y-%m-%d %H:%M:%S} UTC" if value else "never"
+    return utc(value, "never")
 
 
 def gather_evidence(conn: psycopg.Connection, cfg: SecurityConfig, key: ApiKey,

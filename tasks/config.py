@@ -20,6 +20,7 @@ from tasks.alerts import AlertsConfig
 from tasks.errors import ConfigError
 from tasks.incidents import IncidentsConfig
 from tasks.notify import NotifySettings
+from tasks.pitr import Stanza, stanza_of
 from tasks.prometheus import ErrorRate, PrometheusConfig
 from tasks.postgres import Database, DatabaseConfig
 from tasks.security import SecurityConfig
@@ -90,6 +91,11 @@ class Settings(BaseSettings):
             if db.store not in self.stores:
                 raise ValueError(f"databases.{name}.store: no store named {db.store!r} "
                                  f"(configured: {', '.join(sorted(self.stores)) or 'none'})")
+        for name, db in self.databases.items():
+            for repo in db.pitr.repos if db.pitr else ():
+                if repo.store not in self.stores:
+                    raise ValueError(f"databases.{name}.pitr.repos: no store named {repo.store!r} "
+                                     f"(configured: {', '.join(sorted(self.stores))})")
         for name in self.slo:
             if name not in self.services:
                 raise ValueError(f"slo.{name}: no service named {name!r} (an SLO belongs to a [services.<name>])")
@@ -136,6 +142,14 @@ class Settings(BaseSettings):
         if self.prometheus is None:
             return None
         return ErrorRate(self.prometheus, cfg.error_rate_promql(name), cfg.error_rate_threshold)
+
+    def stanza(self, name: str) -> Stanza:
+        """The pgBackRest stanza of database `name`, or a ConfigError when it has no [pitr]."""
+        db = self.database(name)
+        if db.config.pitr is None:
+            raise ConfigError(f"database {name!r} has no [databases.{name}.pitr] section "
+                              "(point-in-time recovery is not set up for it)")
+        return stanza_of(name, db.config.pitr, self.stores)
 
     def store(self, name: str) -> StoreConfig:
         if name not in self.stores:
@@ -223,3 +237,7 @@ def _resolve_paths(settings: Settings, base: Path) -> None:
     for db in settings.databases.values():
         if db.bin_dir:
             db.bin_dir = resolve(db.bin_dir)
+        if p := db.pitr:
+            p.data_dir, p.socket_dir, p.log_dir = resolve(p.data_dir), resolve(p.socket_dir), resolve(p.log_dir)
+            p.config_file = resolve(p.config_file) if p.config_file else None
+            p.restore_dir = resolve(p.restore_dir) if p.restore_dir else None

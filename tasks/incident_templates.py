@@ -14,6 +14,7 @@ from datetime import datetime, timedelta
 from pydantic import BaseModel
 
 from tasks.notify import Severity
+from tasks.report import utc
 
 TO_DECIDE = "[to be completed at the review]"
 
@@ -51,10 +52,6 @@ class Facts(BaseModel):
     resolved_at: datetime | None = None
     resolved_how: str | None = None  # "the alert resolved", "resolved by alice: ..."
     impact: list[str] = []  # measured lines: error rate peak, P95 ...
-
-
-def utc(when: datetime | None) -> str:
-    return f"{when:%Y-%m-%d %H:%M:%S} UTC" if when else "unknown"
 
 
 def hhmm(seconds: float) -> str:

@@ -26,6 +26,7 @@ from psycopg.conninfo import conninfo_to_dict, make_conninfo
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator
 
 from tasks.errors import DatabaseError, DatabaseUnavailable, IntegrityError, VerificationError
+from tasks.pitr import PitrConfig
 from tasks.retries import is_transient
 from tasks.streams import ahead
 
@@ -50,6 +51,8 @@ class DatabaseConfig(BaseModel):
     content_sample_percent: float = Field(1.0, ge=0, le=100, description="share of each table's rows "
                                           "(chosen by hashed primary key) whose checksum the backup's "
                                           "manifest records and every restore compares; 0: counts only")
+    pitr: PitrConfig | None = Field(None, description="point-in-time recovery through pgBackRest "
+                                    "(the cluster, its repositories, retention)")
 
     @field_validator("dsn")
     @classmethod
@@ -578,12 +581,13 @@ def can_create_database(db: Database) -> bool:
     return bool(row and row[0])
 
 
-def amcheck(db: Database, dbname: str, timeout: float = 3600) -> str | None:
+def amcheck(db: Database, dbname: str, timeout: float = 3600, install: bool = True) -> str | None:
     """Run pg_amcheck (heap pages and B-tree indexes, every index entry against its heap
     tuple) on `dbname`, two jobs at a time.
 
     Returns None when it cannot run here (no pg_amcheck, no amcheck extension, or a role
     that may not install it), "ok" when it found nothing, and raises with its findings.
+    `install=False` for a read-only server (paused in recovery): only where it is installed.
     """
     try:
         tool = find_tool(db, "pg_amcheck")
@@ -595,7 +599,7 @@ def amcheck(db: Database, dbname: str, timeout: float = 3600) -> str | None:
             """SELECT EXISTS (SELECT 1 FROM pg_extension WHERE extname = 'amcheck'),
                       EXISTS (SELECT 1 FROM pg_available_extensions WHERE name = 'amcheck'),
                       (SELECT rolsuper FROM pg_roles WHERE rolname = current_user)""").fetchone()
-    if not installed and not (available and superuser):
+    if not installed and not (install and available and superuser):
         return None
     # The database is given as a full connection string: pg_amcheck 16 ignores the host
     # of --maintenance-db for the database it checks.

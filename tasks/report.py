@@ -149,6 +149,11 @@ def _cell(text: str) -> str:
     return text.replace("|", "\\|").replace("\n", " ")
 
 
+def utc(when: datetime | None, missing: str = "unknown") -> str:
+    """A time as reports write it: UTC to the second."""
+    return f"{when.astimezone(timezone.utc):%Y-%m-%d %H:%M:%S} UTC" if when else missing
+
+
 def human_bytes(n: float) -> str:
     for unit in ("B", "KB", "MB", "GB", "TB"):
         if abs(n) < 1024 or unit == "TB":
