@@ -199,6 +199,7 @@ def switch_production(run: RunReport, db: Database, stanza: Stanza, restored: Re
                 if conn.execute("SELECT pg_is_in_recovery()").fetchone()[0]:  # type: ignore[index]
                     conn.execute("SELECT pg_promote(true, 300)")
             pitr.stop_cluster(cfg, bin_dir, restored.data_dir)
+            queued = pitr.mark_for_archive(cfg, bin_dir, restored.data_dir)
             if (cfg.data_dir / "postmaster.pid").exists():
                 pitr.control(cfg, "stop", bin_dir)
             if cfg.data_dir.exists():
@@ -207,6 +208,7 @@ def switch_production(run: RunReport, db: Database, stanza: Stanza, restored: Re
             restored.data_dir.rename(cfg.data_dir)
             moved_new = True
             pitr.control(cfg, "start", bin_dir)
+            pitr.wake_checkpointer(db.dsn)
             with psycopg.connect(pitr.cluster_dsn(db.dsn, cfg.port), autocommit=True) as conn:
                 recovering = conn.execute("SELECT pg_is_in_recovery()").fetchone()[0]  # type: ignore[index]
             if recovering:
@@ -214,7 +216,8 @@ def switch_production(run: RunReport, db: Database, stanza: Stanza, restored: Re
         except BaseException:
             _undo_switch(run, cfg, bin_dir, restored, kept, moved_old, moved_new)
             raise
-        step.detail = f"production runs the restored cluster on port {cfg.port}; old data kept in {kept}"
+        step.detail = (f"production runs the restored cluster on port {cfg.port}; old data kept in {kept}; "
+                       f"new timeline queued for the archive: {', '.join(queued) or 'nothing'}")
     run.figure("Previous data directory", f"{kept} (kept; remove it when satisfied)" if moved_old else "none")
     return kept
 

@@ -92,6 +92,8 @@ class PitrConfig(BaseModel):
     rpo_target_seconds: int = Field(60, ge=1, description="the most data (in seconds) a recovery may lose")
     recovery_timeout_seconds: int = Field(3600, ge=10, description="how long a restored cluster may "
                                           "take to recover")
+    drill: bool = Field(False, description="allow the RPO drill, which kills this cluster: only for a "
+                                           "staging or test cluster")
 
 
 # --- running pgBackRest and the PostgreSQL tools as the cluster's user ----------------------
@@ -442,6 +444,37 @@ def stop_cluster(cfg: PitrConfig, bin_dir: Path, data_dir: Path, mode: str = "fa
     return proc.returncode == 0
 
 
+def mark_for_archive(cfg: PitrConfig, bin_dir: Path, data_dir: Path) -> list[str]:
+    """Queue a stopped, promoted cluster's new timeline for archiving. It was promoted
+    with archiving off (a side cluster then), so PostgreSQL queued nothing, and without
+    the history file in the archive a later recovery cannot follow the new timeline.
+    Queued: the newest history file, any .partial segment, and the new timeline's
+    segments before the one its shutdown checkpoint is in (that one is still being
+    written; the files after it are recycled, not WAL, and must never be archived)."""
+    proc = subprocess.run(as_user(cfg, [str(bin_dir / "pg_controldata"), "-D", str(data_dir)]),
+                          capture_output=True, text=True, timeout=60, cwd="/")
+    m = re.search(r"Latest checkpoint's REDO WAL file:\s+([0-9A-F]{24})", proc.stdout)
+    if proc.returncode != 0 or not m:
+        raise PitrError(f"pg_controldata {data_dir} failed: {(proc.stderr or proc.stdout).strip()}")
+    current = m.group(1)
+    wal = data_dir / "pg_wal"
+    timeline = current[:8]
+    names = [p.name for p in wal.iterdir() if p.is_file() and (
+        p.name == f"{timeline}.history" or p.name.endswith(".partial")
+        or (SEGMENT.match(p.name) and p.name.startswith(timeline) and p.name < current))]
+    status = wal / "archive_status"
+    queued = []
+    for name in sorted(names):
+        if (status / f"{name}.done").exists() or (status / f"{name}.ready").exists():
+            continue
+        ready = status / f"{name}.ready"
+        ready.touch()
+        if os.geteuid() == 0:
+            os.chown(ready, *_owner(cfg))
+        queued.append(name)
+    return queued
+
+
 def last_fatal(log_file: Path) -> str:
     """The server log's last FATAL or PANIC line, for a cluster that died in recovery."""
     try:
@@ -457,7 +490,8 @@ def wait_recovered(cfg: PitrConfig, restored: Restored, dsn: str, expect_paused:
     """Wait until recovery has stopped: paused at the target, or ended and promoted.
     Returns the cluster's state; a cluster that dies on the way raises with its log line."""
     deadline = time.monotonic() + cfg.recovery_timeout_seconds
-    query = """SELECT pg_is_in_recovery(), pg_get_wal_replay_pause_state(),
+    query = """SELECT pg_is_in_recovery(),
+                      CASE WHEN pg_is_in_recovery() THEN pg_get_wal_replay_pause_state() ELSE '' END,
                       pg_last_xact_replay_timestamp(), pg_last_wal_replay_lsn()::text, timeline_id
                FROM pg_control_checkpoint()"""
     while True:
@@ -466,8 +500,8 @@ def wait_recovered(cfg: PitrConfig, restored: Restored, dsn: str, expect_paused:
         try:
             with psycopg.connect(restored.dsn(dsn, "postgres"), autocommit=True) as conn:
                 in_recovery, pause, replayed, lsn, tli = conn.execute(query).fetchone()  # type: ignore[misc]
-        except psycopg.OperationalError:
-            in_recovery, pause, replayed, lsn, tli = True, "not paused", None, None, None
+        except psycopg.OperationalError:  # not accepting connections yet
+            in_recovery, pause, replayed, lsn, tli = True, "", None, None, None
         if not in_recovery or (expect_paused and pause == "paused"):
             return {"in_recovery": in_recovery, "paused": pause == "paused",
                     "last_replayed_xact": replayed, "replay_lsn": lsn, "timeline": tli}
@@ -478,26 +512,40 @@ def wait_recovered(cfg: PitrConfig, restored: Restored, dsn: str, expect_paused:
 
 
 def archiver_status(dsn: str) -> dict[str, Any]:
-    """pg_stat_archiver, and the age of the oldest WAL segment still waiting to be
-    archived: the archive lag (0 when nothing waits)."""
-    with psycopg.connect(dsn, autocommit=True) as conn:
+    """pg_stat_archiver, and the archive lag: how many seconds of writes are not in the
+    archive yet, the data a lost disk would take with it now. It is the age of the
+    oldest segment waiting to be archived, or, when none waits but the current segment
+    holds writes, the time since the last successful archive."""
+    with psycopg.connect(dsn, autocommit=True, connect_timeout=10) as conn:
         row = conn.execute(
             """SELECT archived_count, last_archived_wal, last_archived_time, failed_count,
                       last_failed_wal, last_failed_time,
                       (SELECT count(*) FROM pg_ls_archive_statusdir() WHERE name LIKE '%.ready'),
                       (SELECT extract(epoch FROM now() - min(modification))
                          FROM pg_ls_archive_statusdir() WHERE name LIKE '%.ready'),
+                      CASE WHEN pg_walfile_name(pg_current_wal_insert_lsn()) > coalesce(last_archived_wal, '')
+                           THEN extract(epoch FROM now() - last_archived_time) END,
                       current_setting('archive_mode'), current_setting('archive_command'),
                       current_setting('archive_timeout')
                FROM pg_stat_archiver""").fetchone()
     assert row is not None
     keys = ("archived_count", "last_archived_wal", "last_archived_time", "failed_count", "last_failed_wal",
-            "last_failed_time", "ready", "lag_seconds", "archive_mode", "archive_command", "archive_timeout")
+            "last_failed_time", "ready", "oldest_ready_seconds", "unarchived_seconds", "archive_mode",
+            "archive_command", "archive_timeout")
     status = dict(zip(keys, row))
-    status["lag_seconds"] = float(status["lag_seconds"] or 0.0)
+    status["lag_seconds"] = max(float(status["oldest_ready_seconds"] or 0.0),
+                                float(status["unarchived_seconds"] or 0.0))
     last_ok, last_bad = status["last_archived_time"], status["last_failed_time"]
     status["failing"] = last_bad is not None and (last_ok is None or last_bad > last_ok)
     return status
+
+
+def wake_checkpointer(dsn: str) -> None:
+    """A CHECKPOINT right after a start. PostgreSQL 15's checkpointer, started during
+    recovery, sleeps a whole checkpoint_timeout before it first looks at archive_timeout:
+    until then a quiet primary archives nothing (seen here: no switch for 5 minutes)."""
+    with psycopg.connect(dsn, autocommit=True, connect_timeout=30) as conn:
+        conn.execute("CHECKPOINT")
 
 
 # --- set-up, backups, restores --------------------------------------------------------------
@@ -723,6 +771,7 @@ def setup(stanza: Stanza, dsn: str, bin_dir: Path, restart: bool) -> list[str]:
                 "yourself and run setup again")
         if needs_restart:
             control(stanza.cfg, "restart", bin_dir)
+            wake_checkpointer(dsn)
             done.append("restarted the cluster")
     create_stanza(stanza)
     stanza.run("check", timeout=600)

@@ -107,3 +107,17 @@ def pitr_cluster(name: str = "pitrdb", archive_timeout: int = 2, s3: dict | None
         for pid_file in base.glob("*/postmaster.pid"):
             cluster.pg_ctl("stop", "-m", "immediate", data_dir=pid_file.parent)
         shutil.rmtree(base, ignore_errors=True)
+
+
+def flush_archive(cluster: PitrCluster, timeout: float = 30) -> str:
+    """Switch to a new WAL segment and wait until the old one is archived; its name."""
+    import time
+
+    segment = cluster.sql("SELECT pg_walfile_name(pg_switch_wal())")[0][0]
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        last = cluster.sql("SELECT coalesce(last_archived_wal, '') FROM pg_stat_archiver")[0][0]
+        if last >= segment:
+            return segment
+        time.sleep(0.2)
+    raise AssertionError(f"WAL segment {segment} was not archived in {timeout} s")

@@ -1,0 +1,180 @@
+"""Point-in-time recovery against a real cluster archiving through pgBackRest: backups,
+restore to a second, the guards, a missing WAL segment, the weekly restore test, the
+switch, the RPO drill and an archive that fails."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import time
+from collections.abc import Iterator
+from datetime import timedelta
+from pathlib import Path
+
+import psycopg
+import pytest
+
+from flows.pitr_backup import pitr_backup, pitr_verify
+from flows.pitr_drill import pitr_drill
+from flows.pitr_restore import pitr_restore
+from flows.pitr_restore_test import pitr_restore_test
+from tasks import pitr
+from tasks.config import load_settings
+from tasks.errors import ConfigError, VerificationError
+from tests.pitr_cluster import PitrCluster, flush_archive, pitr_cluster
+
+
+@pytest.fixture(scope="module")
+def cluster() -> Iterator[PitrCluster]:
+    with pitr_cluster("pitrdb", extra="drill = true\nverify_query = \"SELECT count(*) > 0 FROM orders\"\n") as c:
+        c.sql("CREATE TABLE orders (id int PRIMARY KEY, note text, at timestamptz DEFAULT clock_timestamp())")
+        c.sql("INSERT INTO orders SELECT g, 'seed' FROM generate_series(1, 1000) g")
+        pitr.backup(load_settings().stanza("pitrdb"), "full", 1)  # each test may run alone
+        yield c
+
+
+def stanza() -> pitr.Stanza:
+    return load_settings().stanza("pitrdb")
+
+
+def side_rows(port: int, query: str) -> list[tuple]:
+    with psycopg.connect(f"postgresql://postgres@127.0.0.1:{port}/app", autocommit=True) as conn:
+        return conn.execute(query).fetchall()
+
+
+def stop_side(cluster: PitrCluster, data_dir: str) -> None:
+    cluster.pg_ctl("stop", "-m", "fast", data_dir=Path(data_dir))
+    shutil.rmtree(data_dir)
+    Path(data_dir + ".log").unlink()
+
+
+def test_full_diff_and_incr_backups_report_what_they_stored(cluster):
+    full = pitr_backup("pitrdb", type="full")
+    cluster.sql("INSERT INTO orders SELECT g, 'after full' FROM generate_series(1001, 1100) g")
+    diff = pitr_backup("pitrdb", type="diff")
+    cluster.sql("INSERT INTO orders SELECT g, 'after diff' FROM generate_series(1101, 1200) g")
+    incr = pitr_backup("pitrdb", type="incr")
+    assert [r.sets[0].type for r in (full, diff, incr)] == ["full", "diff", "incr"]
+    assert diff.sets[0].stored_bytes < full.sets[0].stored_bytes / 5
+    assert incr.sets[0].stored_bytes < full.sets[0].stored_bytes / 5
+    assert incr.sets[0].wal_segments_since_previous >= 1 and not incr.archive_failing
+    labels = [b.label for b in stanza().info(1).usable(1)]
+    assert labels[-3:] == [full.sets[0].label, diff.sets[0].label, incr.sets[0].label]
+
+
+def test_restore_to_a_second_between_two_writes_keeps_exactly_the_writes_before(cluster):
+    pitr_backup("pitrdb", type="full")
+    cluster.sql("INSERT INTO orders VALUES (5001, 'before the target')")
+    time.sleep(1.1)
+    target = cluster.sql("SELECT now()")[0][0]
+    time.sleep(1.1)
+    cluster.sql("INSERT INTO orders VALUES (5002, 'after the target')")
+    cluster.sql("DELETE FROM orders WHERE id <= 10")  # the mistake to undo
+    flush_archive(cluster)
+    newer = pitr_backup("pitrdb", type="incr")  # a set that ended after the target: must not be used
+
+    r = pitr_restore("pitrdb", target_time=target.isoformat())
+    try:
+        assert r.backup_set != newer.sets[0].label and not r.switched and r.port != cluster.port
+        got = dict(side_rows(r.port, "SELECT id, note FROM orders WHERE id >= 5001 OR id <= 10"))
+        assert got.get(5001) == "before the target" and 5002 not in got
+        assert sorted(i for i in got if i <= 10) == list(range(1, 11))  # the deleted rows are there
+        assert r.recovered_to is not None and r.recovered_to <= target
+        assert side_rows(r.port, "SELECT pg_is_in_recovery()") == [(True,)]  # paused, read-only
+        assert cluster.sql("SELECT count(*) FROM orders WHERE id <= 10") == [(0,)]  # production untouched
+    finally:
+        stop_side(cluster, r.data_dir)
+
+
+def test_a_target_outside_the_backups_and_archive_is_refused_naming_both(cluster):
+    oldest = stanza().info(1).usable(1)[0]
+    with pytest.raises(pitr.TargetOutOfRange, match=rf"before the oldest backup {oldest.label}.*newest archived WAL"):
+        pitr_restore("pitrdb", target_time=(oldest.stopped - timedelta(hours=1)).isoformat())
+    with pytest.raises(pitr.TargetOutOfRange, match=rf"after the newest archived WAL [0-9A-F]{{24}}.*oldest backup "
+                                                    rf"{oldest.label}"):
+        pitr_restore("pitrdb", target_time="2099-01-01T00:00:00+00:00")
+    with pytest.raises(ConfigError, match="no zone"):
+        pitr_restore("pitrdb", target_time="2026-12-07 10:00:00")
+    assert not [p for p in cluster.base.glob("data.pitr-*") if p.is_dir()]  # nothing was restored
+
+
+def test_a_missing_wal_segment_fails_verify_and_a_restore_across_it_is_refused(cluster):
+    pitr_backup("pitrdb", type="incr")
+    flush_archive(cluster)
+    hole = flush_archive(cluster)
+    cluster.sql("INSERT INTO orders VALUES (6001, 'after the hole')")
+    flush_archive(cluster)
+    archived = next((cluster.base / "repo" / "pgbackrest" / "archive" / "pitrdb").glob(f"*/*/{hole}-*"))
+    aside = cluster.base / archived.name
+    archived.rename(aside)
+    try:
+        with pytest.raises(VerificationError, match=f"WAL segment {hole} is missing"):
+            pitr_verify("pitrdb")
+        with pytest.raises(pitr.WalGap, match=f"WAL segment {hole} is missing .* recovery cannot cross it"):
+            pitr_restore("pitrdb")
+    finally:
+        aside.rename(archived)
+    assert pitr_verify("pitrdb").backups >= 1
+
+
+def test_the_weekly_restore_test_marks_the_newest_set_verified_and_leaves_nothing(cluster):
+    r = pitr_restore_test("pitrdb")
+    newest = stanza().info(1).usable(1)[-1]
+    assert r.backup_set == newest.label and newest.verified_at is not None
+    assert r.rows >= 1000 and r.time_to_verified_seconds > 0
+    assert not list(cluster.base.glob("data.restoretest-*"))  # directory and server log
+
+
+def test_switch_puts_the_restored_cluster_in_production_and_keeps_the_old_data(cluster):
+    cluster.sql("INSERT INTO orders VALUES (7001, 'kept by the switch')")
+    flush_archive(cluster)
+    r = pitr_restore("pitrdb", switch=True, auto_approve=True)
+    assert r.switched and r.port == cluster.port and Path(r.previous_data_dir).is_dir()
+    assert cluster.sql("SELECT note FROM orders WHERE id = 7001") == [("kept by the switch",)]
+    assert cluster.sql("SELECT pg_is_in_recovery()") == [(False,)]
+    cluster.sql("INSERT INTO orders VALUES (7002, 'written after the switch')")  # writable, archiving
+    flush_archive(cluster)
+    assert pitr.archiver_status(cluster.dsn)["failing"] is False
+    shutil.rmtree(r.previous_data_dir)
+
+
+def test_the_rpo_drill_counts_the_markers_a_crash_loses(cluster):
+    r = pitr_drill("pitrdb", write_seconds=8)
+    assert r.markers_written >= 6
+    kept = cluster.sql("SELECT count(*) FROM runbooks_rpo_markers")[0][0]
+    assert r.markers_lost == r.markers_written - kept  # counted, not assumed
+    assert r.rpo_seconds <= 2 + 3  # archive_timeout 2 s, plus the push
+    assert r.met and r.rto_seconds > 0
+    assert not list(cluster.base.glob("data.drill-lost-*"))
+    assert cluster.sql("SELECT pg_is_in_recovery()") == [(False,)]
+
+
+def test_the_drill_refuses_a_cluster_not_marked_for_drills(cluster, monkeypatch, tmp_path):
+    text = cluster.config.read_text().replace("drill = true\n", "")
+    path = tmp_path / "runbooks.toml"
+    path.write_text(text)
+    monkeypatch.setenv("RUNBOOKS_CONFIG", str(path))
+    with pytest.raises(ConfigError, match="drill = true"):
+        pitr_drill("pitrdb", write_seconds=1)
+    assert cluster.sql("SELECT 1") == [(1,)]
+
+
+def test_an_unreachable_repository_fails_archiving_and_the_backup_but_not_postgres(cluster):
+    repo = cluster.base / "repo" / "pgbackrest"
+    moved = cluster.base / "repo-unreachable"
+    repo.rename(moved)
+    try:
+        cluster.sql("INSERT INTO orders VALUES (8001, 'while the archive fails')")
+        cluster.sql("SELECT pg_switch_wal()")
+        deadline = time.monotonic() + 30
+        while not pitr.archiver_status(cluster.dsn)["failing"] and time.monotonic() < deadline:
+            time.sleep(0.3)
+        status = pitr.archiver_status(cluster.dsn)
+        assert status["failing"] and status["ready"] >= 1
+        with pytest.raises(pitr.PitrError, match=r"pgbackrest backup \(stanza pitrdb, repo1\) failed: .*"):
+            pitr_backup("pitrdb", type="incr")
+        assert cluster.sql("SELECT note FROM orders WHERE id = 8001") == [("while the archive fails",)]
+    finally:
+        moved.rename(repo)
+    flush_archive(cluster, timeout=90)  # PostgreSQL retries; the backlog drains
+    assert pitr.archiver_status(cluster.dsn)["ready"] == 0
