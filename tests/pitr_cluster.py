@@ -121,3 +121,48 @@ def flush_archive(cluster: PitrCluster, timeout: float = 30) -> str:
             return segment
         time.sleep(0.2)
     raise AssertionError(f"WAL segment {segment} was not archived in {timeout} s")
+
+
+@contextmanager
+def moto_tls(workdir: Path, plain_endpoint: str) -> Iterator[str]:
+    """moto's S3 and KMS over HTTPS (pgBackRest speaks nothing else to S3): a TLS proxy
+    on loopback, with a self-signed certificate for 127.0.0.1, in front of the plain
+    moto server of tests.conftest; the repository sets verify_tls = false."""
+    import asyncio
+    import ssl
+    import threading
+    from urllib.parse import urlsplit
+
+    cert, key = workdir / "moto.crt", workdir / "moto.key"
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1", "-subj",
+                    "/CN=127.0.0.1", "-addext", "subjectAltName=IP:127.0.0.1", "-keyout", str(key),
+                    "-out", str(cert)], check=True, capture_output=True)
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    context.load_cert_chain(cert, key)
+    upstream = urlsplit(plain_endpoint)
+    loop = asyncio.new_event_loop()
+
+    async def pipe(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            while chunk := await reader.read(65536):
+                writer.write(chunk)
+                await writer.drain()
+        except (ConnectionError, ssl.SSLError):
+            pass
+        finally:
+            writer.close()
+
+    async def handle(client_r: asyncio.StreamReader, client_w: asyncio.StreamWriter) -> None:
+        up_r, up_w = await asyncio.open_connection(upstream.hostname, upstream.port)
+        await asyncio.gather(pipe(client_r, up_w), pipe(up_r, client_w))
+
+    server = loop.run_until_complete(asyncio.start_server(handle, "127.0.0.1", 0, ssl=context))
+    port = server.sockets[0].getsockname()[1]
+    thread = threading.Thread(target=loop.run_forever, daemon=True)
+    thread.start()
+    try:
+        yield f"https://127.0.0.1:{port}"
+    finally:
+        loop.call_soon_threadsafe(server.close)
+        loop.call_soon_threadsafe(loop.stop)
+        thread.join(timeout=10)
