@@ -46,6 +46,9 @@ limit_app = typer.Typer(help="Rate limits: show, change for a while, revert.", n
 app.add_typer(limit_app, name="rate-limit")
 slo_app = typer.Typer(help="SLOs: the monthly report, the burn-rate alert rules.", no_args_is_help=True)
 app.add_typer(slo_app, name="slo")
+pitr_app = typer.Typer(help="Point-in-time recovery (pgBackRest): set up, status, backups, restore, drills.",
+                       no_args_is_help=True)
+app.add_typer(pitr_app, name="pitr")
 class _Out:
     """Prints to whatever sys.stdout/stderr is now (a test runner may swap them);
     wide when piped (a log, a ticket), so ids and DSNs are never cut."""
@@ -99,6 +102,8 @@ def config_check() -> None:
         failed += not _check_service(settings, name, prometheus_ok)
     if settings.security:
         failed += not _check_security(settings)
+    for name in sorted(n for n, db in settings.databases.items() if db.pitr):
+        failed += not _check_pitr(settings, name)
     if failed:
         raise typer.Exit(1)
 
@@ -161,6 +166,33 @@ def _check_security(settings: Settings) -> bool:
         return False
     out.print(f"security: ok ({cfg.keys_table} and {cfg.audit_table} in {db.name}, {cache}, "
               f"{cfg.auth_check_path} refuses unknown keys)")
+    return True
+
+
+def _check_pitr(settings: Settings, name: str) -> bool:
+    """One line: pgbackrest.conf is as `pitr setup` writes it, PostgreSQL has the settings,
+    `pgbackrest check` archives a segment to every repository, and the archive is not failing."""
+    from tasks import pitr
+
+    try:
+        stanza = settings.stanza(name)
+        dsn = settings.database(name).dsn
+        if not stanza.conf_path.is_file() or stanza.conf_path.read_text() != pitr.render_conf(stanza):
+            raise RunbookError(f"{stanza.conf_path} is missing or differs from the config "
+                               f"(run: runbooks pitr setup {name})")
+        if pending := pitr.pending_settings(dsn, stanza):
+            raise RunbookError(f"PostgreSQL settings differ: {', '.join(pending)} (run: runbooks pitr setup {name})")
+        stanza.run("check", timeout=600)
+        status = pitr.archiver_status(dsn)
+        if status["failing"]:
+            raise RunbookError(f"archiving fails since {status['last_failed_time']:%Y-%m-%d %H:%M:%S} "
+                               f"({status['failed_count']} failures)")
+        sets = len(stanza.info().backups)
+    except Exception as exc:  # noqa: BLE001 - one line, whatever failed
+        out.print(f"pitr {name}: [red]FAILED[/red] {first_line(exc)}")
+        return False
+    out.print(f"pitr {name}: ok (stanza {stanza.name}, {len(stanza.repos)} repositories, {sets} backup sets, "
+              f"archive lag {status['lag_seconds']:.0f} s)")
     return True
 
 
@@ -402,6 +434,101 @@ def slo_rules(output: str = typer.Option("monitoring/slo-rules.yml", help="where
         return
     Path(output).write_text(text)
     out.print(f"wrote {output}: {len(settings.slo)} services (promtool check rules {output})")
+
+
+@pitr_app.command("setup")
+def pitr_setup(database: str, restart: bool = typer.Option(False, "--restart", help="restart the cluster if "
+               "wal_level or archive_mode must change")) -> None:
+    """Write pgbackrest.conf and the PostgreSQL settings PITR needs, create the stanza, and
+    prove it with `pgbackrest check`."""
+    from tasks import pitr
+
+    settings = load_settings()
+    db = settings.database(database)
+    stanza = settings.stanza(database)
+    for line in pitr.setup(stanza, db.dsn, pitr.find_pg_bin(stanza.cfg, db.config.bin_dir), restart):
+        out.print(line)
+    out.print(f"pitr {database}: set up; take a first full backup: runbooks pitr backup {database} --type full")
+
+
+@pitr_app.command("status")
+def pitr_status(database: str) -> None:
+    """The archiver's state and every backup set: what point in time can be reached."""
+    from tasks import pitr
+
+    settings = load_settings()
+    stanza = settings.stanza(database)
+    status = pitr.archiver_status(settings.database(database).dsn)
+    last = status["last_archived_time"]
+    out.print(f"archiving: {'[red]FAILING[/red]' if status['failing'] else 'ok'}; last {status['last_archived_wal']} "
+              f"at {last:%Y-%m-%d %H:%M:%S} UTC; lag {status['lag_seconds']:.0f} s; {status['ready']} waiting"
+              if last else "archiving: nothing archived yet")
+    info = stanza.info()
+    table = Table("repo", "set", "type", "ended (UTC)", "database", "stored", "verified")
+    for b in info.backups:
+        table.add_row(f"repo{b.repo}", b.label, b.type, f"{b.stopped:%Y-%m-%d %H:%M:%S}", human_bytes(b.size),
+                      human_bytes(b.repo_size), "ERROR" if b.error else (b.verified_at or "not yet"))
+    out.print(table)
+    for repo, (archive_id, first, newest) in sorted(info.archives.items()):
+        out.print(f"repo{repo} WAL ({archive_id}): {first} .. {newest}")
+
+
+@pitr_app.command("backup")
+def pitr_backup_now(database: str, type: str = typer.Option("incr", "--type", help="full, diff or incr")) -> None:
+    """Take a pgBackRest backup now (the pitr-backup flow)."""
+    from flows.pitr_backup import pitr_backup
+
+    if type not in ("full", "diff", "incr"):
+        raise RunbookError(f"--type must be full, diff or incr (got {type!r})")
+    pitr_backup(database=database, type=type)  # type: ignore[arg-type]
+
+
+@pitr_app.command("restore")
+def pitr_restore_now(database: str,
+                     time: Optional[str] = typer.Option(None, "--time", help="recover to this second, with a zone, "
+                                                        "e.g. 2026-12-07T10:15:00+00:00"),
+                     restore_point: Optional[str] = typer.Option(None, "--restore-point", help="a named restore point"),
+                     promote: bool = typer.Option(False, "--promote", help="end recovery at the target (writable)"),
+                     switch: bool = typer.Option(False, "--switch", help="replace production with the restored cluster"),
+                     yes: bool = typer.Option(False, "--yes", help="with --switch: you approve it here"),
+                     backup_set: Optional[str] = typer.Option(None, "--backup-set", help="restore this set"),
+                     repo: int = typer.Option(1, "--repo", help="repository to restore from")) -> None:
+    """Restore DATABASE's cluster to a point in time beside production (or --switch to it)."""
+    from flows.pitr_restore import pitr_restore
+
+    if switch and not yes:
+        raise RunbookError("--switch replaces production: add --yes to approve it here, or start the "
+                           "pitr-restore deployment from the UI and approve it there")
+    r = pitr_restore(database=database, target_time=time, restore_point=restore_point, promote=promote,
+                     switch=switch, backup_set=backup_set, repo=repo, auto_approve=yes)
+    out.print(f"recovered to {r.recovered_to:%Y-%m-%d %H:%M:%S} UTC" if r.recovered_to else "recovered")
+    out.print(f"{'production' if r.switched else 'side cluster'}: port {r.port}, data directory {r.data_dir}")
+
+
+@pitr_app.command("verify")
+def pitr_verify_now(database: str) -> None:
+    """Check every backup file and WAL segment in the repositories (the pitr-verify flow)."""
+    from flows.pitr_backup import pitr_verify
+
+    pitr_verify(database=database)
+
+
+@pitr_app.command("restore-test")
+def pitr_restore_test_now(database: str) -> None:
+    """Restore the newest set to scratch, recover, verify, remove (the pitr-restore-test flow)."""
+    from flows.pitr_restore_test import pitr_restore_test
+
+    pitr_restore_test(database=database)
+
+
+@pitr_app.command("drill")
+def pitr_drill_now(database: str, seconds: int = typer.Option(30, help="how long to write before the kill")) -> None:
+    """The RPO drill on a staging cluster (drill = true): kill it, restore, count what was lost."""
+    from flows.pitr_drill import pitr_drill
+
+    r = pitr_drill(database=database, write_seconds=seconds)
+    out.print(f"RPO {r.rpo_seconds:.1f} s ({r.markers_lost} of {r.markers_written} markers lost), "
+              f"target {r.rpo_target_seconds} s: {'met' if r.met else 'MISSED'}; back in {r.rto_seconds:.1f} s")
 
 
 def _scope_kind(scope: str) -> None:

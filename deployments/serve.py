@@ -11,7 +11,7 @@ import threading
 from contextlib import ExitStack
 
 from deployments.server import configured_server, local_server
-from deployments.spec import build_deployments, read_specs
+from deployments.spec import build_deployments, dormant_reason, read_specs
 from tasks.errors import ConfigError
 
 POLL_SECONDS = 1.0  # Prefect's runner default is 10 s: a run would wait that long to start
@@ -29,7 +29,7 @@ def configured_targets(settings) -> dict[str, list[str]]:  # type: ignore[no-unt
     if settings is None:
         return {}
     return {"databases": list(settings.databases), "services": list(settings.services),
-            "stores": list(settings.stores)}
+            "stores": list(settings.stores), "pitr": [n for n, db in settings.databases.items() if db.pitr]}
 
 
 class _Stopped(BaseException):
@@ -68,7 +68,9 @@ def _serve(port: int, poll_seconds: float, say, receiver: bool | None, receiver_
         receiver = settings is not None and settings.alerts is not None
     elif receiver and (settings is None or settings.alerts is None):
         raise ConfigError("--receiver needs an [alerts] section in runbooks.toml (see docs/alerts.md)")
-    deployments = build_deployments(read_specs(), configured_targets(settings))  # before any server
+    specs, targets = read_specs(), configured_targets(settings)
+    deployments = build_deployments(specs, targets)  # before any server
+    dormant = {s.name: why for s in specs if (why := dormant_reason(s, targets))}
     with ExitStack() as stack:
         url = configured_server()
         if url:
@@ -85,6 +87,9 @@ def _serve(port: int, poll_seconds: float, say, receiver: bool | None, receiver_
             stack.enter_context(receiver_beside(settings, url, receiver_host, receiver_port, say))
         say(f"Serving {len(deployments)} deployments: "
             + ", ".join(d.name for d in deployments) + f" (polling every {poll_seconds:g} s)")
+        if dormant:
+            say(f"Schedules inactive: {', '.join(sorted(dormant))} ({next(iter(dormant.values()))}; "
+                "set it up as docs/pitr.md says and restart serve)")
         try:
             _run(deployments, poll_seconds)
         except (_Stopped, SystemExit):  # SIGTERM before the runner took it over

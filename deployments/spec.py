@@ -22,6 +22,10 @@ PREFECT_YAML = PROJECT / "prefect.yaml"
 TARGET_PARAMETERS = {"database": "databases", "service": "services", "store": "stores"}
 
 
+# Deployments with this tag need the database's [pitr] section; without it their
+# schedules are registered inactive (see dormant_reason).
+PITR_TAG = "pitr"
+
 # Settings of an entry that only `prefect deploy` and its workers use.
 WORKER_ONLY = {"work_pool", "pull", "build", "push", "version"}
 
@@ -171,6 +175,17 @@ def form_schema(schema: dict[str, Any], targets: dict[str, list[str]]) -> dict[s
     return schema
 
 
+def dormant_reason(spec: DeploymentSpec, targets: dict[str, list[str]]) -> str | None:
+    """Why the entry's schedules are registered inactive, if they are: a PITR runbook for
+    a database without a [pitr] section would fail on every firing."""
+    if PITR_TAG not in spec.tags or not spec.schedules:
+        return None
+    database = spec.parameters.get("database")
+    if database in targets.get("pitr", []):
+        return None
+    return f"database {database!r} has no [databases.{database}.pitr] section"
+
+
 def build_deployments(specs: list[DeploymentSpec], targets: dict[str, list[str]]) -> list[Any]:
     """A RunnerDeployment for every entry, with all its settings; any bad entry stops
     everything (a half-served prefect.yaml would hide the broken one)."""
@@ -188,9 +203,12 @@ def build_deployments(specs: list[DeploymentSpec], targets: dict[str, list[str]]
                 limit = ConcurrencyLimitConfig(**limit)
             except (ValidationError, TypeError) as exc:
                 raise ConfigError(f"deployment {spec.name}: concurrency_limit: {_first_error(exc)}") from None
+        planned = schedules(spec)
+        if dormant_reason(spec, targets):
+            planned = [s.model_copy(update={"active": False}) for s in planned]
         deployment = flow.to_deployment(
             name=spec.name, description=spec.description, tags=spec.tags,
-            parameters=spec.parameters, schedules=schedules(spec), concurrency_limit=limit,
+            parameters=spec.parameters, schedules=planned, concurrency_limit=limit,
             paused=False)  # a restart of `serve` brings back the schedules its stop paused
         shaped = form_schema(deployment._parameter_openapi_schema.model_dump(), targets)
         deployment._parameter_openapi_schema = type(deployment._parameter_openapi_schema)(**shaped)

@@ -29,8 +29,24 @@ def test_schedules_limits_and_tags_are_the_agreed_ones():
     deployments = _deployments()
     recoveries = {"database-recovery-orders", "data-loss-orders", "database-corruption-orders"}
     security = {"api-key-revocation", "rate-limit-adjustment", "rate-limit-revert", "ddos-response"}
+    pitr_scheduled = {"pitr-backup-full-orders": ("0 1 * * 0", {"type": "full"}),
+                      "pitr-backup-diff-orders": ("0 1 * * 1-6", {"type": "diff"}),
+                      "pitr-backup-incr-orders": ("30 * * * *", {"type": "incr"}),
+                      "pitr-verify-orders": ("0 5 * * *", {}), "pitr-restore-test-orders": ("0 3 * * 6", {})}
+    pitr_manual = {"pitr-restore-orders", "pitr-drill-orders"}
     assert set(deployments) == {"backup-orders", "restore-test-orders", "backup-retention", "health-check",
-                                "service-restart-api", "incident-response", "slo-report-api"} | recoveries | security
+                                "service-restart-api", "incident-response", "slo-report-api"} | recoveries | security \
+        | set(pitr_scheduled) | pitr_manual
+    with_pitr = {name: d for name, d in _deployments({**TARGETS, "pitr": ["orders"]}).items() if name in pitr_scheduled}
+    for name, (cron, params) in pitr_scheduled.items():  # inactive while orders has no [pitr] section
+        d = deployments.pop(name)
+        assert [(s.schedule.cron, s.schedule.timezone, s.active) for s in d.schedules] == [(cron, "UTC", False)]
+        assert [(s.schedule.cron, s.active) for s in with_pitr[name].schedules] == [(cron, True)]
+        assert d.parameters == {"database": "orders", **params} and d.concurrency_limit == 1
+        assert {"schedule", "pitr"} <= set(d.tags)
+    for name in pitr_manual:
+        d = deployments.pop(name)
+        assert not d.schedules and d.concurrency_limit is None and {"runbook", "dr-scenario", "pitr"} <= set(d.tags)
     for name in security:  # each holds the slot of the key or limit it changes, not of the deployment
         d = deployments.pop(name)
         assert d.concurrency_limit is None and not d.schedules and {"runbook", "security"} <= set(d.tags)
