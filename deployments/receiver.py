@@ -39,6 +39,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, H
 from pydantic import SecretStr, ValidationError
 
 from deployments.health_metrics import RunbookHealth
+from deployments.pitr_metrics import PitrHealth
 from tasks import incidents
 from tasks.alerts import AlertsConfig, Routed, WebhookPayload, route
 
@@ -259,10 +260,13 @@ def _reason(exc: ValidationError) -> str:
 
 
 def create_app(config: AlertsConfig, api_url: str, api_headers: dict[str, str] | None = None,
-               slack_signing_secret: SecretStr | None = None) -> FastAPI:
+               slack_signing_secret: SecretStr | None = None, pitr_health: PitrHealth | None = None) -> FastAPI:
     """The receiver for `config`, handing runs to the Prefect API at `api_url`; with a
-    Slack signing secret, it takes the incidents' Acknowledge clicks too."""
+    Slack signing secret, it takes the incidents' Acknowledge clicks too; with
+    `pitr_health`, /metrics says how the PITR clusters archive."""
     metrics = Metrics()
+    if pitr_health is not None:
+        metrics.registry.register(pitr_health)
     state: dict[str, Any] = {}
 
     @asynccontextmanager
@@ -294,6 +298,8 @@ def create_app(config: AlertsConfig, api_url: str, api_headers: dict[str, str] |
             await asyncio.wait_for(state["health"].refresh(), HEALTH_READ_SECONDS)
         except asyncio.TimeoutError:
             state["health"].read_ok = 0
+        if pitr_health is not None:
+            await asyncio.to_thread(pitr_health.refresh)
         return PlainTextResponse(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
     @app.post(ENDPOINT)
@@ -419,7 +425,8 @@ def receiver_server(settings: Any, api_url: str, host: str, port: int) -> Any:
     if settings.alerts is None:
         raise ConfigError("runbooks.toml has no [alerts] section: the receiver needs its credentials "
                           "and routes (see docs/alerts.md)")
-    app = create_app(settings.alerts, api_url, prefect_headers(), settings.notify.slack_signing_secret)
+    pitr_health = PitrHealth(settings) if any(db.pitr for db in settings.databases.values()) else None
+    app = create_app(settings.alerts, api_url, prefect_headers(), settings.notify.slack_signing_secret, pitr_health)
     return uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level="warning", access_log=False))
 
 

@@ -159,6 +159,22 @@ def test_the_drill_refuses_a_cluster_not_marked_for_drills(cluster, monkeypatch,
     assert cluster.sql("SELECT 1") == [(1,)]
 
 
+def exported_metrics() -> dict:
+    from deployments.pitr_metrics import PitrHealth
+
+    health = PitrHealth(load_settings())
+    health.refresh()
+    return {(s.name, tuple(s.labels.values())): s.value for m in health.collect() for s in m.samples}
+
+
+def test_the_metrics_say_when_the_newest_full_backup_ended_and_that_archiving_works(cluster):
+    metrics = exported_metrics()
+    newest_full = max(b.stopped for b in stanza().info(1).usable(1) if b.type == "full")
+    assert metrics[("runbooks_pitr_last_backup_timestamp_seconds", ("pitrdb", "full", "1"))] == newest_full.timestamp()
+    assert metrics[("runbooks_pitr_archive_failing", ("pitrdb",))] == 0
+    assert metrics[("runbooks_pitr_rpo_target_seconds", ("pitrdb",))] == 60
+
+
 def test_an_unreachable_repository_fails_archiving_and_the_backup_but_not_postgres(cluster):
     repo = cluster.base / "repo" / "pgbackrest"
     moved = cluster.base / "repo-unreachable"
@@ -171,6 +187,10 @@ def test_an_unreachable_repository_fails_archiving_and_the_backup_but_not_postgr
             time.sleep(0.3)
         status = pitr.archiver_status(cluster.dsn)
         assert status["failing"] and status["ready"] >= 1
+        metrics = exported_metrics()  # what the receiver's /metrics gives Prometheus: PitrArchiveFailing
+        assert metrics[("runbooks_pitr_archive_failing", ("pitrdb",))] == 1
+        assert metrics[("runbooks_pitr_archive_lag_seconds", ("pitrdb",))] > 0
+        assert metrics[("runbooks_pitr_up", ("pitrdb",))] == 1
         with pytest.raises(pitr.PitrError, match=r"pgbackrest backup \(stanza pitrdb, repo1\) failed: .*"):
             pitr_backup("pitrdb", type="incr")
         assert cluster.sql("SELECT note FROM orders WHERE id = 8001") == [("while the archive fails",)]
