@@ -31,7 +31,7 @@ from tasks.journal import Journal
 from tasks.notify import Severity
 from tasks.postgres import Database
 from tasks.recovery import ASIDE, RESTORED, Assessment, RecoveryError
-from tasks.report import RunReport, first_line, human_bytes
+from tasks.report import RunReport, first_line, human_bytes, utc
 
 StopWrites = Literal["at_swap", "before_restore"]
 SESSION_GRACE_SECONDS = 5.0  # clients of production get this long to leave before they are ended
@@ -125,8 +125,23 @@ def recover(title: str, flow_name: str, database: str, restore_point: datetime |
         run.figure("Incident", incident or "none given")
         run.figure("Restore point", f"{point:%Y-%m-%d %H:%M:%S} UTC")
         with run.step("find backups") as step:
-            tried = recovery.candidates(store, database, point, backup_id)
-            step.detail = f"{tried[0].manifest.id}" + (f" (and {len(tried) - 1} older verified)" if len(tried) > 1 else "")
+            try:
+                tried = recovery.candidates(store, database, point, backup_id)
+            except RunbookError as exc:  # no logical backup (verified) for the point
+                if not pitr_possible(db, backup_id, tables):
+                    raise
+                tried, step.detail = [], f"no logical backup to use: {first_line(exc)}"
+            else:
+                step.detail = f"{tried[0].manifest.id}" + (f" (and {len(tried) - 1} older verified)"
+                                                           if len(tried) > 1 else "")
+        if why_pitr := pitr_reason(db, point, tried, backup_id, tables):
+            run.figure("Recovery path", f"point-in-time (pgBackRest): {why_pitr}")
+            return recover_pitr(settings, run, db, restore_point, auto_approve, dry_run, incident,
+                                approval_timeout_minutes, lock_refusal=_refuse_second_recovery(database))
+        if db.config.pitr:
+            run.figure("Recovery path", f"logical backup {tried[0].manifest.id}: taken "
+                                        f"{_duration((point - tried[0].manifest.started_at).total_seconds())} before "
+                                        f"the restore point, within prefer_logical_within_seconds")
         if tables:
             recovery.resolve_tables(tables, tried[0].manifest)
             recovery.check_row_replacement(db)
@@ -149,6 +164,87 @@ def recover(title: str, flow_name: str, database: str, restore_point: datetime |
                                             approval_timeout_minutes, backup_id is not None)
             finally:
                 future.wait()  # a run that failed early still lets its assessment finish
+
+
+def pitr_possible(db: Database, backup_id: str | None, tables: list[str] | None) -> bool:
+    """PITR recovers a whole cluster: not for a named backup or a table restore."""
+    return db.config.pitr is not None and backup_id is None and not tables
+
+
+def pitr_reason(db: Database, point: datetime, tried: list[backups.Backup], backup_id: str | None,
+                tables: list[str] | None) -> str | None:
+    """Why this recovery takes the point-in-time path, or None for the logical one: the
+    database has a [pitr] section and no logical backup lies close enough before the point."""
+    if not pitr_possible(db, backup_id, tables):
+        return None
+    assert db.config.pitr is not None
+    if not tried:
+        return "no verified logical backup before the restore point"
+    gap = (point - tried[0].manifest.started_at).total_seconds()
+    if gap <= db.config.pitr.prefer_logical_within_seconds:
+        return None
+    return (f"the newest verified logical backup, {tried[0].manifest.id}, was taken {_duration(gap)} before the "
+            f"restore point (more than {db.config.pitr.prefer_logical_within_seconds} s): replaying WAL loses less")
+
+
+def recover_pitr(settings: Settings, run: RunReport, db: Database, restore_point: datetime | None,
+                 auto_approve: bool, dry_run: bool, incident: str | None, timeout_minutes: float,
+                 lock_refusal: Callable[[dict[str, Any], str], str | None]) -> RecoveryResult:
+    """The point-in-time path: restore the cluster beside production to the restore point
+    (or the latest archived WAL when none is given), verify it, and after approval switch
+    production to it; production's data directory is kept under a new name."""
+    from flows.pitr_restore import evidence, restore_and_check, stop_quietly, switch_production
+    from tasks import pitr
+
+    stanza = settings.stanza(db.name)
+    target = pitr.Target(kind="latest") if restore_point is None else pitr.Target(kind="time", time=restore_point)
+    result = RecoveryResult(database=db.name, recovered=False, outcome="running")
+    if dry_run:
+        with run.step("plan: backup set and WAL") as step:
+            plan = pitr.plan_restore(stanza, target)
+            step.detail = f"{plan.backup.label}; WAL to {plan.newest_wal}"
+        result.outcome, result.dry_run = "planned (dry run)", True
+        result.plan = [f"restore pgBackRest set {plan.backup.label} beside production and recover to "
+                       f"{target.describe()}", "verify it (row counts, pg_amcheck, the verify query)",
+                       f"after approval, switch production ({stanza.cfg.data_dir}) to it, keeping the old "
+                       "data directory"]
+        run.outcome = "planned (dry run)"
+        for line in result.plan:
+            print(f"Plan: {line}")
+        return result
+    ref = f" Incident: {incident}." if incident else ""
+    announce(settings, run, Severity.HIGH, f"Recovery of {db.describe()} to {target.describe()} started "
+                                           f"(point-in-time).{ref}")
+    with exclusive("database", db.name, refuse=lock_refusal), exclusive("pitr", db.name):
+        done = restore_and_check(run, db, stanza, target, promote=True)
+        action = f"switch the cluster of {db.name} to the one recovered to {utc(done.check.recovered_to)}"
+        try:
+            decision = approve(run, action, evidence(run), auto_approve,
+                               wait_seconds=max(1, int(timeout_minutes * 60)),
+                               before_wait=lambda: announce(settings, run, Severity.HIGH,
+                                                            f"Recovery of {db.name} waits for approval.{ref}"))
+        except BaseException:
+            stop_quietly(stanza.cfg, pitr.find_pg_bin(stanza.cfg, db.config.bin_dir), done.restored.data_dir)
+            run.figure("Restored data directory", f"{done.restored.data_dir} (stopped, kept; production unchanged)")
+            raise
+        switched_at = datetime.now(timezone.utc)
+        kept = switch_production(run, db, stanza, done.restored)
+    result.ready_at = datetime.now(timezone.utc)
+    result.writes_stopped_at = switched_at
+    result.approver = decision.approver
+    result.rto_seconds = run.elapsed
+    result.outage_seconds = (result.ready_at - switched_at).total_seconds()
+    recovered = done.check.recovered_to
+    result.data_loss_window_seconds = ((target.time or switched_at) - recovered).total_seconds() if recovered else None
+    result.restored_database, result.pre_restore_database = str(stanza.cfg.data_dir), str(kept)
+    result.recovered, result.outcome = True, "recovered (point-in-time)"
+    result.steps = {s.name: round(s.seconds, 3) for s in run.steps}
+    run.outcome = result.outcome
+    run.figure("RTO", f"{result.rto_seconds:.1f} s")
+    run.figure("Outage (switch)", f"{result.outage_seconds:.1f} s")
+    announce(settings, run, Severity.INFO, f"{db.name} recovered to {target.describe()} (point-in-time): RTO "
+                                           f"{result.rto_seconds:.1f} s; old data kept in {kept}.{ref}")
+    return result
 
 
 def _joined(run: RunReport, future: Any) -> Callable[[], Assessment]:

@@ -159,7 +159,7 @@ def restore_and_check(run: RunReport, db: Database, stanza: Stanza, target: Targ
     except BaseException:
         failing = sys.exc_info()[1]
         if started:
-            _stop_quietly(cfg, bin_dir, restored.data_dir)
+            stop_quietly(cfg, bin_dir, restored.data_dir)
         if scratch:
             shutil.rmtree(restored.data_dir, ignore_errors=True)
         elif restored.data_dir.exists():
@@ -228,7 +228,7 @@ def _undo_switch(run: RunReport, cfg: pitr.PitrConfig, bin_dir: Path, restored: 
     log = get_run_logger()
     try:
         if moved_new:
-            _stop_quietly(cfg, bin_dir, cfg.data_dir)
+            stop_quietly(cfg, bin_dir, cfg.data_dir)
             cfg.data_dir.rename(restored.data_dir)
         if moved_old:
             kept.rename(cfg.data_dir)
@@ -240,7 +240,7 @@ def _undo_switch(run: RunReport, cfg: pitr.PitrConfig, bin_dir: Path, restored: 
                   kept if moved_old else cfg.data_dir)
 
 
-def _stop_quietly(cfg: pitr.PitrConfig, bin_dir: Path, data_dir: Path) -> None:
+def stop_quietly(cfg: pitr.PitrConfig, bin_dir: Path, data_dir: Path) -> None:
     try:
         pitr.stop_cluster(cfg, bin_dir, data_dir, mode="fast")
     except Exception as exc:  # noqa: BLE001 - already failing; leave word in the log

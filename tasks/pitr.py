@@ -92,6 +92,9 @@ class PitrConfig(BaseModel):
     rpo_target_seconds: int = Field(60, ge=1, description="the most data (in seconds) a recovery may lose")
     recovery_timeout_seconds: int = Field(3600, ge=10, description="how long a restored cluster may "
                                           "take to recover")
+    prefer_logical_within_seconds: int = Field(300, ge=0, description="database-recovery restores a logical "
+                                               "backup taken at most this long before the restore point; "
+                                               "otherwise it recovers the cluster to the point (PITR)")
     drill: bool = Field(False, description="allow the RPO drill, which kills this cluster: only for a "
                                            "staging or test cluster")
 
