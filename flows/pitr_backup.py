@@ -50,7 +50,7 @@ def pitr_backup(database: str, type: Literal["full", "diff", "incr"] = "incr") -
     previous set, and the archive lag.
 
     Args:
-        database: The database target (with a [databases.<name>.pitr] section).
+        database: The database target (one with a pitr section in runbooks.toml).
         type: full, diff (changes since the last full) or incr (since the last backup).
     """
     settings = load_settings()
@@ -131,7 +131,7 @@ def pitr_verify(database: str) -> PitrVerifyResult:
     whose recovery stops there) or a backup set in error.
 
     Args:
-        database: The database target (with a [databases.<name>.pitr] section).
+        database: The database target (one with a pitr section in runbooks.toml).
     """
     settings = load_settings()
     settings.database(database)

@@ -58,11 +58,11 @@ def pitr_restore(database: str, target_time: str | None = None, restore_point: s
       4. verify: recovered last transaction not after the target, row counts of every
          database, pg_amcheck, the configured query (the RTO clock stops here);
       5. `switch`: after approval, promote, stop production, rename its data directory
-         to <data_dir>.replaced-<time> (kept), move the restored one into its place and
+         to DATA_DIR.replaced-TIME (kept), move the restored one into its place and
          start it on production's port; otherwise it stays running as a side cluster.
 
     Args:
-        database: The database target (its [databases.<name>.pitr] section says the cluster).
+        database: The database target (its pitr section in runbooks.toml names the cluster).
         target_time: Recover to this second, with its zone (2026-12-07T10:15:00+00:00);
             empty: the end of the archived WAL.
         restore_point: Recover to a restore point made with pg_create_restore_point.

@@ -36,7 +36,7 @@ def pitr_restore_test(database: str, repo: int = 1) -> PitrRestoreTestResult:
     touched: the scratch cluster runs on a free port and archives nothing.
 
     Args:
-        database: The database target (with a [databases.<name>.pitr] section).
+        database: The database target (one with a pitr section in runbooks.toml).
         repo: The repository whose newest set is tested (1: the first in the config).
     """
     settings = load_settings()
