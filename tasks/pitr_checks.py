@@ -31,7 +31,6 @@ class ClusterCheck:
     timeline: int | None
     databases: dict[str, int] = field(default_factory=dict)  # database -> rows in its tables
     tables: int = 0
-    amcheck: dict[str, str] = field(default_factory=dict)  # database -> ok / skipped why
     query: str | None = None
 
     @property
@@ -56,34 +55,24 @@ def row_counts(dsn: str) -> tuple[int, int]:
 
 def check_cluster(db: postgres.Database, cfg: PitrConfig, restored: Restored, state: dict[str, Any],
                   target: Target) -> ClusterCheck:
-    """Verify a restored cluster (see the module's docstring); raises VerificationError
-    with every problem found, after looking at everything."""
+    """Verify a restored cluster's data (see the module's docstring; pg_amcheck is
+    `amcheck_cluster`, run after the RTO clock stops). Raises VerificationError with
+    every problem found, after looking at everything."""
     check = ClusterCheck(recovered_to=state["last_replayed_xact"], paused=state["paused"],
                          timeline=state["timeline"])
     problems: list[str] = []
     if target.kind == "time" and target.time and check.recovered_to and check.recovered_to > target.time:
         problems.append(f"recovered to {check.recovered_to:%Y-%m-%d %H:%M:%S.%f} UTC, after the target "
                         f"{target.describe()}")
-    with psycopg.connect(restored.dsn(db.dsn, "postgres"), autocommit=True) as conn:
-        names = [r[0] for r in conn.execute(
-            "SELECT datname FROM pg_database WHERE datallowconn AND NOT datistemplate ORDER BY 1")]
+    names = databases(db, restored)
     if db.dbname not in names:
         problems.append(f"database {db.dbname!r} is missing from the restored cluster")
-    side = postgres.Database(db.name, db.config.model_copy(update={"dsn": SecretStr(restored.dsn(db.dsn))}))
     for name in names:
         try:
             tables, rows = row_counts(restored.dsn(db.dsn, name))
             check.databases[name], check.tables = rows, check.tables + tables
         except psycopg.Error as exc:
             problems.append(f"{name}: cannot count rows: {str(exc).strip().splitlines()[0]}")
-            continue
-        try:
-            result = postgres.amcheck(side, name, install=not state["in_recovery"])
-            check.amcheck[name] = result or ("skipped: amcheck not installed and the cluster is read-only"
-                                             if state["in_recovery"] else "skipped: not available here")
-        except VerificationError as exc:
-            check.amcheck[name] = "FAILED"
-            problems.append(str(exc))
     if cfg.verify_query:
         try:
             with psycopg.connect(restored.dsn(db.dsn, db.dbname), autocommit=True) as conn:
@@ -97,6 +86,25 @@ def check_cluster(db: postgres.Database, cfg: PitrConfig, restored: Restored, st
     if problems:
         raise VerificationError(f"restored cluster on port {restored.port}: " + "; ".join(problems))
     return check
+
+
+def databases(db: postgres.Database, restored: Restored) -> list[str]:
+    with psycopg.connect(restored.dsn(db.dsn, "postgres"), autocommit=True) as conn:
+        return [r[0] for r in conn.execute(
+            "SELECT datname FROM pg_database WHERE datallowconn AND NOT datistemplate ORDER BY 1")]
+
+
+def amcheck_cluster(db: postgres.Database, restored: Restored, in_recovery: bool) -> dict[str, str]:
+    """pg_amcheck on every database of the restored cluster: ok, or why it was skipped;
+    raises VerificationError with its findings. A cluster paused in recovery is
+    read-only: only databases that already have the amcheck extension are checked."""
+    side = postgres.Database(db.name, db.config.model_copy(update={"dsn": SecretStr(restored.dsn(db.dsn))}))
+    found: dict[str, str] = {}
+    for name in databases(db, restored):
+        result = postgres.amcheck(side, name, install=not in_recovery)
+        found[name] = result or ("skipped: amcheck not installed and the cluster is read-only"
+                                 if in_recovery else "skipped: not available here")
+    return found
 
 
 class MarkerWriter:

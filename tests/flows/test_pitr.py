@@ -22,6 +22,7 @@ from tasks import pitr
 from tasks.config import load_settings
 from tasks.errors import ConfigError, VerificationError
 from tests.pitr_cluster import PitrCluster, flush_archive, pitr_cluster
+from tests.security_stack import artifact
 
 
 @pytest.fixture(scope="module")
@@ -123,6 +124,7 @@ def test_the_weekly_restore_test_marks_the_newest_set_verified_and_leaves_nothin
     assert r.backup_set == newest.label and newest.verified_at is not None
     assert r.rows >= 1000 and r.time_to_verified_seconds > 0
     assert not list(cluster.base.glob("data.restoretest-*"))  # directory and server log
+    assert "| pg_amcheck (after the RTO clock) | app: ok, postgres: ok |" in artifact("pitr-restore-test-pitrdb")
 
 
 def test_switch_puts_the_restored_cluster_in_production_and_keeps_the_old_data(cluster):
