@@ -134,18 +134,23 @@ def recover(title: str, flow_name: str, database: str, restore_point: datetime |
             else:
                 step.detail = f"{tried[0].manifest.id}" + (f" (and {len(tried) - 1} older verified)"
                                                            if len(tried) > 1 else "")
-        if why_pitr := pitr_reason(db, point, tried, backup_id, tables):
-            run.figure("Recovery path", f"point-in-time (pgBackRest): {why_pitr}")
-            return recover_pitr(settings, run, db, restore_point, auto_approve, dry_run, incident,
-                                approval_timeout_minutes, lock_refusal=_refuse_second_recovery(database))
-        if db.config.pitr:
-            run.figure("Recovery path", f"logical backup {tried[0].manifest.id}: taken "
-                                        f"{_duration((point - tried[0].manifest.started_at).total_seconds())} before "
-                                        f"the restore point, within prefer_logical_within_seconds")
         if tables:
             recovery.resolve_tables(tables, tried[0].manifest)
             recovery.check_row_replacement(db)
         findings = before(run, db) if before else []
+        if why_pitr := pitr_reason(db, point, tried, backup_id, tables):
+            run.figure("Recovery path", f"point-in-time (pgBackRest): {why_pitr}")
+            try:
+                return recover_pitr(settings, run, db, restore_point, auto_approve, dry_run, incident,
+                                    approval_timeout_minutes, findings, _refuse_second_recovery(database))
+            except Exception as exc:
+                announce(settings, run, Severity.CRITICAL if "switch production" in _failed_steps(run) else
+                         Severity.HIGH, f"Recovery of {db.describe()} (point-in-time) failed; "
+                         "production is unchanged unless the report says the switch was undone."
+                         + (f" Incident: {incident}." if incident else ""), failed=exc)
+                raise
+        if db.config.pitr:
+            run.figure("Recovery path", logical_reason(db, point, tried[0].manifest, backup_id, tables))
         if dry_run:
             with run.step("assess the damage") as step:
                 assessment = recovery.assess(db, tried[0].manifest)
@@ -164,6 +169,15 @@ def recover(title: str, flow_name: str, database: str, restore_point: datetime |
                                             approval_timeout_minutes, backup_id is not None)
             finally:
                 future.wait()  # a run that failed early still lets its assessment finish
+
+
+def logical_reason(db: Database, point: datetime, manifest: Manifest, backup_id: str | None,
+                   tables: list[str] | None) -> str:
+    """Why a database with a [pitr] section is recovered from a logical backup."""
+    why = ("its backup_id was given" if backup_id else "only some tables are restored" if tables else
+           f"taken {_duration((point - manifest.started_at).total_seconds())} before the restore point, "
+           "within prefer_logical_within_seconds")
+    return f"logical backup {manifest.id}: {why}"
 
 
 def pitr_possible(db: Database, backup_id: str | None, tables: list[str] | None) -> bool:
@@ -189,7 +203,7 @@ def pitr_reason(db: Database, point: datetime, tried: list[backups.Backup], back
 
 def recover_pitr(settings: Settings, run: RunReport, db: Database, restore_point: datetime | None,
                  auto_approve: bool, dry_run: bool, incident: str | None, timeout_minutes: float,
-                 lock_refusal: Callable[[dict[str, Any], str], str | None]) -> RecoveryResult:
+                 findings: list[str], lock_refusal: Callable[[dict[str, Any], str], str | None]) -> RecoveryResult:
     """The point-in-time path: restore the cluster beside production to the restore point
     (or the latest archived WAL when none is given), verify it, and after approval switch
     production to it; production's data directory is kept under a new name."""
@@ -219,7 +233,7 @@ def recover_pitr(settings: Settings, run: RunReport, db: Database, restore_point
         done = restore_and_check(run, db, stanza, target, promote=True)
         action = f"switch the cluster of {db.name} to the one recovered to {utc(done.check.recovered_to)}"
         try:
-            decision = approve(run, action, evidence(run), auto_approve,
+            decision = approve(run, action, findings + evidence(run), auto_approve,
                                wait_seconds=max(1, int(timeout_minutes * 60)),
                                before_wait=lambda: announce(settings, run, Severity.HIGH,
                                                             f"Recovery of {db.name} waits for approval.{ref}"))
@@ -245,6 +259,10 @@ def recover_pitr(settings: Settings, run: RunReport, db: Database, restore_point
     announce(settings, run, Severity.INFO, f"{db.name} recovered to {target.describe()} (point-in-time): RTO "
                                            f"{result.rto_seconds:.1f} s; old data kept in {kept}.{ref}")
     return result
+
+
+def _failed_steps(run: RunReport) -> list[str]:
+    return [s.name for s in run.steps if s.outcome == "failed"]
 
 
 def _joined(run: RunReport, future: Any) -> Callable[[], Assessment]:

@@ -65,6 +65,7 @@ def pitr_backup(database: str, type: Literal["full", "diff", "incr"] = "incr") -
             print(f"PITR {type} backup of {database}: " + "; ".join(
                 f"repo{s.repo} {s.label} ({s.type}) {human_bytes(s.stored_bytes)} stored in {s.seconds:.1f} s"
                 for s in sets))
+            run.outcome = "succeeded"
             announce(settings, run, Severity.INFO, f"Physical {type} backup of {database} done.")
             return PitrBackupResult(database=database, sets=sets, archive_lag_seconds=status["lag_seconds"],
                                     archive_failing=status["failing"])

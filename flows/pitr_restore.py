@@ -16,7 +16,7 @@ from pydantic import BaseModel
 
 from flows._common import announce
 from tasks import pitr
-from tasks.approval import approve
+from tasks.approval import WAIT_SECONDS, NotApproved, approve
 from tasks.concurrency import exclusive
 from tasks.config import load_settings
 from tasks.notify import Severity
@@ -43,7 +43,8 @@ class PitrRestoreResult(BaseModel):
 @flow(name="pitr-restore", log_prints=True)
 def pitr_restore(database: str, target_time: str | None = None, restore_point: str | None = None,
                  promote: bool = False, switch: bool = False, backup_set: str | None = None,
-                 repo: int = 1, auto_approve: bool = False) -> PitrRestoreResult:
+                 repo: int = 1, auto_approve: bool = False,
+                 approval_timeout_minutes: float = WAIT_SECONDS / 60) -> PitrRestoreResult:
     """Restore the database's cluster to a second, a restore point or the latest WAL.
 
     Use: data was deleted or corrupted at a known time (restore to just before it and
@@ -71,6 +72,8 @@ def pitr_restore(database: str, target_time: str | None = None, restore_point: s
         backup_set: Restore this pgBackRest set (e.g. 20261207-011804F); empty: chosen.
         repo: The pgBackRest repository to restore from (1: the first in the config).
         auto_approve: Switch without waiting for a person (drills).
+        approval_timeout_minutes: How long a switch waits for approval; unanswered or
+            declined, production is unchanged and the restored cluster stays beside it.
     """
     settings = load_settings()
     db = settings.database(database)
@@ -83,8 +86,17 @@ def pitr_restore(database: str, target_time: str | None = None, restore_point: s
                 restored, check = done.restored, done.check
                 previous = None
                 if switch:
-                    approve(run, f"switch {database} to the cluster restored to {utc(check.recovered_to)}",
-                            evidence=evidence(run), auto=auto_approve)
+                    try:
+                        approve(run, f"switch {database} to the cluster restored to {utc(check.recovered_to)}",
+                                evidence=evidence(run), auto=auto_approve,
+                                wait_seconds=max(1, int(approval_timeout_minutes * 60)),
+                                before_wait=lambda: announce(settings, run, Severity.HIGH,
+                                                             f"PITR restore of {database} waits for approval "
+                                                             "to switch production."))
+                    except NotApproved:
+                        run.figure("Side cluster", f"port {restored.port}, data directory {restored.data_dir} "
+                                                   "(not switched: stop and remove it when done)")
+                        raise
                     previous = switch_production(run, db, stanza, restored)
                     data_dir, port = stanza.cfg.data_dir, stanza.cfg.port
                 else:
@@ -143,9 +155,19 @@ def restore_and_check(run: RunReport, db: Database, stanza: Stanza, target: Targ
         with run.step("start and recover") as step:
             step.detail = f"port {restored.port}, archiving off"
             r0 = time.monotonic()
-            pitr.start_restored(cfg, bin_dir, restored, archive=False)
             started = True
-            state = pitr.wait_recovered(cfg, restored, db.dsn, expect_paused=target.kind != "latest" and not promote)
+            try:
+                pitr.start_restored(cfg, bin_dir, restored, archive=False)
+                state = pitr.wait_recovered(cfg, restored, db.dsn,
+                                            expect_paused=target.kind != "latest" and not promote)
+            except pitr.TargetNotReached:
+                # No commit after the target in the archive: its end holds exactly the
+                # target's state (every segment up to it is there: the plan checked).
+                pitr.drop_recovery_target(cfg, restored.data_dir)
+                pitr.start_restored(cfg, bin_dir, restored, archive=False)
+                state = pitr.wait_recovered(cfg, restored, db.dsn, expect_paused=False)
+                step.detail += ("; no transaction after the target in the archive, so recovered to its end "
+                                "(the same data) and promoted")
             step.detail += (f"; recovered to {utc(state['last_replayed_xact'])}, "
                             + ("paused at the target (read-only)" if state["paused"] else
                                f"promoted on timeline {state['timeline']}"))

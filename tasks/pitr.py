@@ -17,7 +17,7 @@ import shutil
 import subprocess
 import time
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
+from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from typing import Any, Literal
 from urllib.parse import urlsplit
@@ -40,6 +40,10 @@ class PitrError(RunbookError):
 
 class TargetOutOfRange(PitrError):
     """The recovery target lies outside what the backups and the archive cover."""
+
+
+class TargetNotReached(PitrError):
+    """Recovery ran out of archived WAL before it saw a transaction after the target."""
 
 
 class WalGap(PitrError):
@@ -434,7 +438,8 @@ def start_restored(cfg: PitrConfig, bin_dir: Path, restored: Restored, archive: 
     proc = pg_ctl(cfg, bin_dir, "start", "-w", "-t", "600", "-D", str(restored.data_dir),
                   "-l", str(restored.log_file), "-o", opts)
     if proc.returncode != 0:
-        raise PitrError(f"restored cluster in {restored.data_dir} did not start: {last_fatal(restored.log_file)}")
+        fatal = last_fatal(restored.log_file)
+        raise _recovery_error(fatal)(f"restored cluster in {restored.data_dir} did not start: {fatal}")
 
 
 def stop_cluster(cfg: PitrConfig, bin_dir: Path, data_dir: Path, mode: str = "fast") -> bool:
@@ -478,6 +483,19 @@ def mark_for_archive(cfg: PitrConfig, bin_dir: Path, data_dir: Path) -> list[str
     return queued
 
 
+def _recovery_error(fatal: str) -> type[PitrError]:
+    return TargetNotReached if "recovery ended before configured recovery target" in fatal else PitrError
+
+
+def drop_recovery_target(cfg: PitrConfig, data_dir: Path) -> None:
+    """Remove the recovery target pgBackRest wrote, so the next start recovers to the
+    end of the archive (the file keeps its owner: it is rewritten in place)."""
+    auto = data_dir / "postgresql.auto.conf"
+    lines = auto.read_text().splitlines(keepends=True)
+    with open(auto, "w") as fh:
+        fh.writelines(ln for ln in lines if not ln.lstrip().startswith("recovery_target"))
+
+
 def last_fatal(log_file: Path) -> str:
     """The server log's last FATAL or PANIC line, for a cluster that died in recovery."""
     try:
@@ -499,7 +517,8 @@ def wait_recovered(cfg: PitrConfig, restored: Restored, dsn: str, expect_paused:
                FROM pg_control_checkpoint()"""
     while True:
         if not (restored.data_dir / "postmaster.pid").exists():
-            raise PitrError(f"restored cluster stopped during recovery: {last_fatal(restored.log_file)}")
+            fatal = last_fatal(restored.log_file)
+            raise _recovery_error(fatal)(f"restored cluster stopped during recovery: {fatal}")
         try:
             with psycopg.connect(restored.dsn(dsn, "postgres"), autocommit=True) as conn:
                 in_recovery, pause, replayed, lsn, tli = conn.execute(query).fetchone()  # type: ignore[misc]
@@ -726,7 +745,8 @@ def plan_restore(stanza: Stanza, target: Target, repo: int = 1, backup_set: str 
         chosen = oldest  # a restore point's time is unknown: replay from the oldest set reaches it
     else:
         chosen = usable[-1]
-    if target.kind == "time" and target.time is not None and target.time > newest_at:
+    # The repository keeps whole seconds: a segment archived at :47.9 is listed at :47.
+    if target.kind == "time" and target.time is not None and target.time >= newest_at + timedelta(seconds=1):
         raise TargetOutOfRange(
             f"target {target.describe()} is after the newest archived WAL {newest} "
             f"(archived {newest_at:%Y-%m-%d %H:%M:%S} UTC); the oldest backup {oldest.label} "

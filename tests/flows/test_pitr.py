@@ -87,6 +87,21 @@ def test_restore_to_a_second_between_two_writes_keeps_exactly_the_writes_before(
         stop_side(cluster, r.data_dir)
 
 
+def test_a_target_after_the_last_commit_in_the_archive_recovers_all_of_it(cluster):
+    """PostgreSQL stops at a time only when it sees a commit after it; with none archived
+    it would fail "recovery ended before configured recovery target was reached"."""
+    cluster.sql("INSERT INTO orders VALUES (5101, 'the last write')")
+    target = cluster.sql("SELECT clock_timestamp()")[0][0]
+    flush_archive(cluster)  # archived after the target; no transaction after it
+    r = pitr_restore("pitrdb", target_time=target.isoformat())
+    try:
+        assert side_rows(r.port, "SELECT note FROM orders WHERE id = 5101") == [("the last write",)]
+        assert r.recovered_to is not None and r.recovered_to <= target
+        assert "no transaction after the target in the archive" in artifact("pitr-restore-pitrdb")
+    finally:
+        stop_side(cluster, r.data_dir)
+
+
 def test_a_target_outside_the_backups_and_archive_is_refused_naming_both(cluster):
     oldest = stanza().info(1).usable(1)[0]
     with pytest.raises(pitr.TargetOutOfRange, match=rf"before the oldest backup {oldest.label}.*newest archived WAL"):
