@@ -187,8 +187,15 @@ class Stanza:
         if check and proc.returncode != 0:
             raise PitrError(f"pgbackrest {args[-1]} (stanza {self.name}"
                             + (f", repo{repo}" if repo else "") + f") failed: "
-                            + pgbackrest_error(proc.stderr + proc.stdout))
+                            + self.scrub(pgbackrest_error(proc.stderr + proc.stdout)))
         return proc
+
+    def scrub(self, text: str) -> str:
+        """The text without any repository secret (an S3 error may echo a key id)."""
+        for repo in self.repos:
+            for value in repo.secret_options.values():
+                text = text.replace(value, "***") if value else text
+        return text
 
     # -- reading ----------------------------------------------------------------------------
 

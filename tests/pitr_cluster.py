@@ -72,9 +72,9 @@ def pitr_toml(name: str, cluster: PitrCluster, archive_timeout: int, s3: dict | 
 
 @contextmanager
 def pitr_cluster(name: str = "pitrdb", archive_timeout: int = 2, s3: dict | None = None,
-                 extra: str = "") -> Iterator[PitrCluster]:
+                 extra: str = "", set_up: bool = True) -> Iterator[PitrCluster]:
     """A running cluster with an `app` database, set up for PITR (`runbooks pitr setup`
-    through the library), RUNBOOKS_CONFIG pointing at its runbooks.toml."""
+    through the library) unless not `set_up`, RUNBOOKS_CONFIG pointing at its runbooks.toml."""
     bin_dir = _bin_dir()
     base = Path(tempfile.mkdtemp(prefix="rb-pitr-", dir="/tmp"))
     pg = pwd.getpwnam("postgres")
@@ -96,8 +96,9 @@ def pitr_cluster(name: str = "pitrdb", archive_timeout: int = 2, s3: dict | None
         from tasks import pitr
         from tasks.config import load_settings
 
-        settings = load_settings()
-        pitr.setup(settings.stanza(name), settings.database(name).dsn, bin_dir, restart=True)
+        if set_up:
+            settings = load_settings()
+            pitr.setup(settings.stanza(name), settings.database(name).dsn, bin_dir, restart=True)
         yield cluster
     finally:
         if old_config is None:

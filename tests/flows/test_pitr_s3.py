@@ -49,3 +49,4 @@ def test_the_s3_copy_is_encrypted_and_restores_a_point_in_time_on_its_own(moto_e
             cluster.pg_ctl("stop", "-m", "fast", data_dir=Path(got.data_dir))
             shutil.rmtree(got.data_dir)
             (cluster.base / "repo-lost").rename(local)
+
