@@ -161,13 +161,8 @@ def restore_and_check(run: RunReport, db: Database, stanza: Stanza, target: Targ
                 state = pitr.wait_recovered(cfg, restored, db.dsn,
                                             expect_paused=target.kind != "latest" and not promote)
             except pitr.TargetNotReached:
-                # No commit after the target in the archive: its end holds exactly the
-                # target's state (every segment up to it is there: the plan checked).
-                pitr.drop_recovery_target(cfg, restored.data_dir)
-                pitr.start_restored(cfg, bin_dir, restored, archive=False)
-                state = pitr.wait_recovered(cfg, restored, db.dsn, expect_paused=False)
-                step.detail += ("; no transaction after the target in the archive, so recovered to its end "
-                                "(the same data) and promoted")
+                state, how = _past_the_archive(cfg, bin_dir, restored, db.dsn, promote)
+                step.detail += f"; {how}"
             step.detail += (f"; recovered to {utc(state['last_replayed_xact'])}, "
                             + ("paused at the target (read-only)" if state["paused"] else
                                f"promoted on timeline {state['timeline']}"))
@@ -198,6 +193,27 @@ def restore_and_check(run: RunReport, db: Database, stanza: Stanza, target: Targ
     return Restoration(plan, restored, check, verified)
 
 
+def _past_the_archive(cfg: pitr.PitrConfig, bin_dir: Path, restored: Restored, dsn: str,
+                      promote: bool) -> tuple[dict, str]:
+    """Recovery reached the end of the archive before a commit after the target time
+    (PostgreSQL stops at a time only on such a commit). If production still runs, its
+    current segment is archived now and recovery tried once more with the target. If
+    the archive still holds no commit after it, its end has exactly the target's data:
+    recover to the end. (Should a later commit be archived in between, verification
+    refuses the overshoot.)"""
+    if pitr.archive_current_segment(dsn):
+        try:
+            pitr.start_restored(cfg, bin_dir, restored, archive=False)
+            return (pitr.wait_recovered(cfg, restored, dsn, expect_paused=not promote),
+                    "the archive ended before the target; production's current segment archived, recovered again")
+        except pitr.TargetNotReached:
+            pass
+    pitr.drop_recovery_target(cfg, restored.data_dir)
+    pitr.start_restored(cfg, bin_dir, restored, archive=False)
+    return (pitr.wait_recovered(cfg, restored, dsn, expect_paused=False),
+            "no transaction after the target in the archive, so recovered to its end (the same data) and promoted")
+
+
 def describe_plan(run: RunReport, plan: RestorePlan) -> None:
     run.figure("Target", plan.target.describe())
     run.figure("Backup set", f"{plan.backup.label} ({plan.backup.type}, {human_bytes(plan.backup.repo_size)} "
@@ -225,6 +241,7 @@ def switch_production(run: RunReport, db: Database, stanza: Stanza, restored: Re
                     conn.execute("SELECT pg_promote(true, 300)")
             pitr.stop_cluster(cfg, bin_dir, restored.data_dir)
             queued = pitr.mark_for_archive(cfg, bin_dir, restored.data_dir)
+            pitr.drop_restored_conf(restored.data_dir)
             if (cfg.data_dir / "postmaster.pid").exists():
                 pitr.control(cfg, "stop", bin_dir)
             if cfg.data_dir.exists():

@@ -438,14 +438,53 @@ def pg_ctl(cfg: PitrConfig, bin_dir: Path, *args: str, timeout: float = 600) -> 
     return subprocess.run(argv, capture_output=True, text=True, timeout=timeout, cwd="/")
 
 
+RESTORED_CONF_MARK = "# Written by runbooks for a restored copy of a Debian cluster."
+
+
+def debian_conf_dir(cfg: PitrConfig) -> Path | None:
+    """Where a Debian cluster (pg_createcluster) keeps postgresql.conf: not in its data
+    directory, so a restored copy needs a postgresql.conf of its own to start."""
+    if cfg.control != "pg_ctlcluster" or not cfg.cluster or "/" not in cfg.cluster:
+        return None
+    return Path("/etc/postgresql") / cfg.cluster
+
+
+def give_restored_conf(cfg: PitrConfig, data_dir: Path) -> bool:
+    """A restored Debian cluster's postgresql.conf: production's settings (included),
+    this directory as its data directory, no pid file of production's. True if written."""
+    conf_dir = debian_conf_dir(cfg)
+    if conf_dir is None or (data_dir / "postgresql.conf").exists():
+        return False
+    text = (f"{RESTORED_CONF_MARK}\ninclude '{conf_dir / 'postgresql.conf'}'\n"
+            f"data_directory = '{data_dir}'\nexternal_pid_file = ''\n")
+    path = data_dir / "postgresql.conf"
+    path.write_text(text)
+    if os.geteuid() == 0:
+        os.chown(path, *_owner(cfg))
+    return True
+
+
+def drop_restored_conf(data_dir: Path) -> None:
+    """Before the copy becomes production: pg_ctlcluster uses /etc/postgresql's file."""
+    path = data_dir / "postgresql.conf"
+    if path.is_file() and path.read_text().startswith(RESTORED_CONF_MARK):
+        path.unlink()
+
+
 def start_restored(cfg: PitrConfig, bin_dir: Path, restored: Restored, archive: bool) -> None:
     """Start a restored data directory on its own port. Without `archive` it archives
     nothing: a side or scratch cluster must not push WAL into production's archive."""
+    give_restored_conf(cfg, restored.data_dir)
+    if not restored.log_file.exists():  # made here: the parent may be root's
+        restored.log_file.touch(mode=0o640)
+        if os.geteuid() == 0:
+            os.chown(restored.log_file, *_owner(cfg))
     opts = f"-p {restored.port}" + ("" if archive else " -c archive_mode=off")
     proc = pg_ctl(cfg, bin_dir, "start", "-w", "-t", "600", "-D", str(restored.data_dir),
                   "-l", str(restored.log_file), "-o", opts)
     if proc.returncode != 0:
-        fatal = last_fatal(restored.log_file)
+        said = (proc.stderr or proc.stdout).strip().splitlines() or ["no output"]
+        fatal = last_fatal(restored.log_file) if restored.log_file.stat().st_size else said[-1]
         raise _recovery_error(fatal)(f"restored cluster in {restored.data_dir} did not start: {fatal}")
 
 
@@ -567,6 +606,23 @@ def archiver_status(dsn: str) -> dict[str, Any]:
     last_ok, last_bad = status["last_archived_time"], status["last_failed_time"]
     status["failing"] = last_bad is not None and (last_ok is None or last_bad > last_ok)
     return status
+
+
+def archive_current_segment(dsn: str, timeout: float = 60) -> bool:
+    """Switch production to a new WAL segment and wait until the old one is archived;
+    False when production does not answer or archiving does not finish in time."""
+    try:
+        with psycopg.connect(dsn, autocommit=True, connect_timeout=5) as conn:
+            segment = conn.execute("SELECT pg_walfile_name(pg_switch_wal())").fetchone()[0]  # type: ignore[index]
+            deadline = time.monotonic() + timeout
+            while time.monotonic() < deadline:
+                last = conn.execute("SELECT coalesce(last_archived_wal, '') FROM pg_stat_archiver").fetchone()
+                if last and last[0] >= segment:
+                    return True
+                time.sleep(0.3)
+    except psycopg.Error:
+        return False
+    return False
 
 
 def wake_checkpointer(dsn: str) -> None:
@@ -776,6 +832,7 @@ def restore(stanza: Stanza, plan: RestorePlan, dest: Path, promote: bool) -> Non
         raise PitrError(f"{dest} exists and is not empty; a restore never writes over a directory")
     if not dest.parent.exists():
         make_owned_dir(stanza.cfg, dest.parent, 0o755)
+    make_owned_dir(stanza.cfg, dest, 0o700)  # made here: the parent may be root's (Debian's /var/lib/postgresql/15)
     options = [f"--pg1-path={dest}", f"--set={plan.backup.label}", *plan.target.options()]
     if plan.target.kind != "latest":
         options.append(f"--target-action={'promote' if promote else 'pause'}")
