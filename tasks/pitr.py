@@ -24,7 +24,7 @@ from urllib.parse import urlsplit
 
 import psycopg
 from psycopg import sql
-from psycopg.conninfo import conninfo_to_dict, make_conninfo
+from psycopg.conninfo import make_conninfo
 from pydantic import BaseModel, ConfigDict, Field, SecretStr
 
 from tasks.errors import ConfigError, RunbookError
@@ -186,7 +186,7 @@ class Stanza:
             raise PitrError(f"pgbackrest {args[-1]} (stanza {self.name}) did not finish in {timeout:.0f} s") from None
         if check and proc.returncode != 0:
             raise PitrError(f"pgbackrest {args[-1]} (stanza {self.name}"
-                            + (f", repo{repo}" if repo else "") + f") failed: "
+                            + (f", repo{repo}" if repo else "") + ") failed: "
                             + self.scrub(pgbackrest_error(proc.stderr + proc.stdout)))
         return proc
 

@@ -4,7 +4,6 @@ switch, the RPO drill and an archive that fails."""
 
 from __future__ import annotations
 
-import os
 import shutil
 import time
 from collections.abc import Iterator
