@@ -410,15 +410,14 @@ def cluster_dsn(dsn: str, port: int, dbname: str | None = None) -> str:
     return make_conninfo(dsn, **params)
 
 
-def free_port(start: int = 55432, tries: int = 200) -> int:
-    """A port nothing listens on, from a range away from the usual ones."""
+def free_port() -> int:
+    """A port nothing is bound to now (the kernel's pick). Another process may take it
+    before the cluster binds it: start_restored then tries another."""
     import socket
 
-    for port in range(start, start + tries):
-        with socket.socket() as s:
-            if s.connect_ex(("127.0.0.1", port)) != 0:
-                return port
-    raise PitrError(f"no free port in {start}-{start + tries}")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
 
 
 @dataclass
@@ -479,9 +478,13 @@ def start_restored(cfg: PitrConfig, bin_dir: Path, restored: Restored, archive: 
         restored.log_file.touch(mode=0o640)
         if os.geteuid() == 0:
             os.chown(restored.log_file, *_owner(cfg))
-    opts = f"-p {restored.port}" + ("" if archive else " -c archive_mode=off")
-    proc = pg_ctl(cfg, bin_dir, "start", "-w", "-t", "600", "-D", str(restored.data_dir),
-                  "-l", str(restored.log_file), "-o", opts)
+    for _ in range(3):
+        opts = f"-p {restored.port}" + ("" if archive else " -c archive_mode=off")
+        proc = pg_ctl(cfg, bin_dir, "start", "-w", "-t", "600", "-D", str(restored.data_dir),
+                      "-l", str(restored.log_file), "-o", opts)
+        if proc.returncode == 0 or "could not create any TCP/IP sockets" not in last_fatal(restored.log_file):
+            break
+        restored.port = free_port()  # taken meanwhile (another restore on this host): another one
     if proc.returncode != 0:
         said = (proc.stderr or proc.stdout).strip().splitlines() or ["no output"]
         fatal = last_fatal(restored.log_file) if restored.log_file.stat().st_size else said[-1]

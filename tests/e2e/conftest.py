@@ -412,6 +412,19 @@ def submit_form(page, attempts: int = 3) -> None:
                 raise
 
 
+def submit_dialog(form, attempts: int = 3) -> None:
+    """Submit the Resume dialog; when it stays open (the SQLite-backed server answered
+    503 while busy, and the UI keeps the form), submit again, as a person would."""
+    for attempt in range(attempts):
+        form.get_by_role("button", name="Submit").click()
+        try:
+            form.wait_for(state="hidden", timeout=15_000)
+            return
+        except Exception:
+            if attempt == attempts - 1:
+                raise
+
+
 def choose(page, index: int, option: str) -> None:
     """Pick `option` in the form's index-th dropdown (it opens from the keyboard)."""
     page.locator(".p-select-button__control").nth(index).focus()

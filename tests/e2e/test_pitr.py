@@ -19,7 +19,7 @@ from tasks import pitr
 from tasks.config import load_settings
 from tests.conftest import free_port
 from tests.e2e.conftest import (BIN, NAMES, SHOTS, api_client, base_env, custom_run_form, deployments_by_name, run, spawn,
-                                submit_form, wait_final, wait_for)
+                                submit_form, wait_final, wait_for, submit_dialog)
 from tests.pitr_cluster import PitrCluster, flush_archive, pitr_cluster
 
 PITR_SCHEDULED = {"pitr-backup-full-orders", "pitr-backup-diff-orders", "pitr-backup-incr-orders",
@@ -34,7 +34,9 @@ def pitr_served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, 
         cluster.sql("INSERT INTO orders SELECT g, 'seed' FROM generate_series(1, 200) g")
         pitr.backup(load_settings().stanza("orders"), "full", 1)
         port = free_port()
-        env = base_env(root / "home", cluster.config)
+        # The scheduler looks for due runs every 5 s instead of every 60 s: the schedule
+        # test waits for a firing, not for the loop.
+        env = {**base_env(root / "home", cluster.config), "PREFECT_SERVER_SERVICES_SCHEDULER_LOOP_SECONDS": "5"}
         proc = spawn([str(BIN / "runbooks"), "serve", "--port", str(port)], env, root / "serve.log", cwd=root)
         url = f"http://127.0.0.1:{port}/api"
         try:
@@ -63,7 +65,7 @@ def test_the_pitr_schedules_are_active_and_a_schedule_fires_a_backup(pitr_served
             assert [s["active"] for s in deployments[name]["schedules"]] == [True], name
         incr = deployments["pitr-backup-incr-orders"]
         added = client.post(f"/deployments/{incr['id']}/schedules",
-                            json=[{"schedule": {"interval": 10}, "active": True}])
+                            json=[{"schedule": {"interval": 5}, "active": True}])
         assert added.status_code == 201, added.text
 
         def fired() -> list[dict[str, Any]]:
@@ -137,8 +139,7 @@ def test_a_switch_started_from_the_ui_form_waits_for_approval_in_the_browser(pit
     form.locator("textarea").nth(0).fill("ann")
     form.locator("textarea").nth(1).fill("disk lost; restored to the latest WAL")
     page.screenshot(path=str(SHOTS / "pitr-2-approval.png"), full_page=True)
-    form.get_by_role("button", name="Submit").click()
-    form.wait_for(state="hidden")
+    submit_dialog(form)
     with api_client(pitr_served["url"]) as client:
         final = wait_final(client, run_id, timeout=180)
     assert final["state_type"] == "COMPLETED", final["state"]
@@ -155,7 +156,7 @@ def test_a_switch_started_from_the_ui_form_waits_for_approval_in_the_browser(pit
 
 
 def test_the_rpo_drill_started_with_runbooks_run_reports_what_a_crash_lost(pitr_served):
-    done = run([str(BIN / "runbooks"), "run", "pitr-drill-orders", "--param", "write_seconds=6", "--watch"],
+    done = run([str(BIN / "runbooks"), "run", "pitr-drill-orders", "--param", "write_seconds=3", "--watch"],
                pitr_served["env"], timeout=300)
     assert done.returncode == 0, done.stdout + done.stderr
     assert "Measured RPO" in done.stdout and "target 60 s: met" in done.stdout, done.stdout

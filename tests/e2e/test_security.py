@@ -24,7 +24,7 @@ import redis
 from tasks.api_keys import claim
 from tests.conftest import free_port
 from tests.e2e.conftest import (BIN, SHOTS, AlertPorts, alert_sections, alert_stack, api_client, choose,
-                                custom_run_form, run, submit_form, wait_final, wait_for, write_config)
+                                custom_run_form, run, submit_form, wait_final, wait_for, write_config, submit_dialog)
 from tests.security_stack import LIMITS, call, new_key, security_section, usual_use
 from tests.shared_redis import REDIS_URL
 from tests.slack_standin import running_standin
@@ -223,8 +223,7 @@ def test_a_revocation_started_in_the_ui_waits_for_its_approval_there(sec, page):
     form.get_by_role("switch").first.click()
     form.locator("textarea").nth(0).fill("ann")
     form.locator("textarea").nth(1).fill("customer reported the key in a public gist")
-    form.get_by_role("button", name="Submit").click()
-    form.wait_for(state="hidden")
+    submit_dialog(form)
     with api_client(server.url) as client:
         final = wait_final(client, started["id"], timeout=120)
     assert final["state_type"] == "COMPLETED", final["state"]

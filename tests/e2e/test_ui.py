@@ -7,7 +7,7 @@ from __future__ import annotations
 import re
 
 from tests.e2e.conftest import (BIN, SHOTS, api_client, choose, custom_run_form, deployments_by_name, run,
-                                submit_form, wait_final, wait_for)
+                                submit_form, wait_final, wait_for, submit_dialog)
 
 
 def test_restore_test_started_from_its_form_completes_with_its_report(served, page):
@@ -86,8 +86,7 @@ def test_a_recovery_is_approved_in_its_resume_form(served, page):
     form.locator("textarea").nth(0).fill("ann")  # approver
     form.locator("textarea").nth(1).fill("INC-UI: checked the assessment")  # reason
     page.screenshot(path=str(SHOTS / "5b-approval-filled.png"), full_page=True)
-    form.get_by_role("button", name="Submit").click()
-    form.wait_for(state="hidden")  # the UI closes it once the server accepted the input
+    submit_dialog(form)
 
     with api_client(served["url"]) as client:
         final = wait_final(client, run_id, timeout=180)
