@@ -110,7 +110,7 @@ def pitr_cluster(name: str = "pitrdb", archive_timeout: int = 2, s3: dict | None
         shutil.rmtree(base, ignore_errors=True)
 
 
-def flush_archive(cluster: PitrCluster, timeout: float = 30) -> str:
+def flush_archive(cluster: PitrCluster, timeout: float = 90) -> str:
     """Switch to a new WAL segment and wait until the old one is archived; its name."""
     import time
 
@@ -121,7 +121,11 @@ def flush_archive(cluster: PitrCluster, timeout: float = 30) -> str:
         if last >= segment:
             return segment
         time.sleep(0.2)
-    raise AssertionError(f"WAL segment {segment} was not archived in {timeout} s")
+    state = cluster.sql("SELECT failed_count, last_failed_wal, last_failed_time FROM pg_stat_archiver")[0]
+    logs = sorted((cluster.base / "log").glob("*archive-push*.log"))
+    tail = logs[-1].read_text()[-1500:] if logs else "no pgBackRest log"
+    raise AssertionError(f"WAL segment {segment} was not archived in {timeout} s (archiver failures: {state}; "
+                         f"pgBackRest: {tail})")
 
 
 @contextmanager

@@ -32,6 +32,7 @@ def check(args: list[str], cwd: Path = MONITORING) -> str:
 def test_the_rules_load_and_their_unit_tests_pass():
     assert "SUCCESS: 21 rules found" in check([tool("promtool"), "check", "rules", "rules.yml"])
     assert "SUCCESS" in check([tool("promtool"), "test", "rules", "rules_test.yml"], cwd=MONITORING / "tests")
+    assert "SUCCESS" in check([tool("promtool"), "test", "rules", "pitr_rules_test.yml"], cwd=MONITORING / "tests")
 
 
 def test_the_alertmanager_config_loads_and_posts_to_the_receiver():

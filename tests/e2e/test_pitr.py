@@ -1,8 +1,9 @@
 """Point-in-time recovery run the way users run it: `runbooks serve` over a config whose
 `orders` database is a real cluster archiving through pgBackRest. Its schedules fire on
-serve, `runbooks pitr restore` restores beside production through the server, the UI
-form starts a switch that waits for its approval in the browser, and `runbooks run`
-starts the RPO drill."""
+serve, `runbooks pitr restore` restores beside production through the server, and the UI
+form starts a switch that waits for its approval in the browser. (The drill's own
+entry point, `runbooks run`, is the one every deployment shares; the drill itself is
+tests/flows/test_pitr.py's.)"""
 
 from __future__ import annotations
 
@@ -29,7 +30,7 @@ PITR_SCHEDULED = {"pitr-backup-full-orders", "pitr-backup-diff-orders", "pitr-ba
 @pytest.fixture(scope="module")
 def pitr_served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
     root = tmp_path_factory.mktemp("pitr-e2e")
-    with pitr_cluster("orders", extra="drill = true\n") as cluster:
+    with pitr_cluster("orders") as cluster:
         cluster.sql("CREATE TABLE orders (id int PRIMARY KEY, note text)")
         cluster.sql("INSERT INTO orders SELECT g, 'seed' FROM generate_series(1, 200) g")
         pitr.backup(load_settings().stanza("orders"), "full", 1)
@@ -86,9 +87,9 @@ def test_the_pitr_schedules_are_active_and_a_schedule_fires_a_backup(pitr_served
 def test_runbooks_pitr_restore_puts_a_point_in_time_beside_production(pitr_served):
     cluster: PitrCluster = pitr_served["cluster"]
     cluster.sql("INSERT INTO orders VALUES (9001, 'before')")
-    time.sleep(1.1)
+    time.sleep(0.3)
     target = cluster.sql("SELECT now()")[0][0]
-    time.sleep(1.1)
+    time.sleep(0.3)
     cluster.sql("UPDATE orders SET note = 'overwritten by mistake'")
     flush_archive(cluster)
     done = run([str(BIN / "runbooks"), "pitr", "restore", "orders", "--time", target.isoformat()],
@@ -154,11 +155,3 @@ def test_a_switch_started_from_the_ui_form_waits_for_approval_in_the_browser(pit
     page.screenshot(path=str(SHOTS / "pitr-3-report.png"), full_page=True)
     shutil.rmtree(kept[0])
 
-
-def test_the_rpo_drill_started_with_runbooks_run_reports_what_a_crash_lost(pitr_served):
-    done = run([str(BIN / "runbooks"), "run", "pitr-drill-orders", "--param", "write_seconds=3", "--watch"],
-               pitr_served["env"], timeout=300)
-    assert done.returncode == 0, done.stdout + done.stderr
-    assert "Measured RPO" in done.stdout and "target 60 s: met" in done.stdout, done.stdout
-    cluster: PitrCluster = pitr_served["cluster"]
-    assert cluster.sql("SELECT count(*) > 0 FROM runbooks_rpo_markers") == [(True,)]

@@ -23,9 +23,9 @@ def test_the_s3_copy_is_encrypted_and_restores_a_point_in_time_on_its_own(moto_e
         r = pitr_backup("pitrs3", type="full")
         assert [s.repo for s in r.sets] == [1, 2] and all(s.type == "full" for s in r.sets)
         cluster.sql("INSERT INTO t VALUES (1, 'before')")
-        time.sleep(1.1)
+        time.sleep(0.3)
         target = cluster.sql("SELECT now()")[0][0]
-        time.sleep(1.1)
+        time.sleep(0.3)
         cluster.sql("INSERT INTO t VALUES (2, 'after')")
         flush_archive(cluster)
 
