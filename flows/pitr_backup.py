@@ -95,12 +95,11 @@ def _backup(run: RunReport, stanza: Stanza, kind: Literal["full", "diff", "incr"
     spec = stanza.repos[repo - 1]
     with run.step(f"{kind} backup to repo{repo}") as step:
         step.detail = spec.where
-        previous = stanza.info(repo).usable(repo)
         t0 = time.monotonic()
         made = pitr.backup(stanza, kind, repo)
         seconds = time.monotonic() - t0
-        since = (pitr.segment_number(made.wal_stop)[1] - pitr.segment_number(previous[-1].wal_stop)[1]
-                 if previous and made.wal_stop and previous[-1].wal_stop else 0)
+        since = (pitr.segment_number(made.wal_stop)[1] - pitr.segment_number(made.previous_wal_stop)[1]
+                 if made.wal_stop and made.previous_wal_stop else 0)
         result = PitrBackupSet(repo=repo, label=made.label, type=made.type, database_bytes=made.size,
                                stored_bytes=made.repo_size, seconds=seconds,
                                throughput_mb_s=made.size / 1e6 / seconds if seconds else 0.0,

@@ -244,6 +244,7 @@ class BackupSet:
     repo: int
     error: bool
     annotations: dict[str, str] = field(default_factory=dict)
+    previous_wal_stop: str = ""  # set by `backup`: where the set before this one ended in the WAL
 
     @property
     def verified_at(self) -> str | None:
@@ -611,9 +612,9 @@ def archiver_status(dsn: str) -> dict[str, Any]:
     return status
 
 
-def archive_current_segment(dsn: str, timeout: float = 60) -> bool:
-    """Switch production to a new WAL segment and wait until the old one is archived;
-    False when production does not answer or archiving does not finish in time."""
+def archive_current_segment(dsn: str, timeout: float = 60) -> str | None:
+    """Switch production to a new WAL segment and wait until the old one is archived:
+    its name; None when production does not answer or archiving does not finish in time."""
     try:
         with psycopg.connect(dsn, autocommit=True, connect_timeout=5) as conn:
             segment = conn.execute("SELECT pg_walfile_name(pg_switch_wal())").fetchone()[0]  # type: ignore[index]
@@ -621,11 +622,11 @@ def archive_current_segment(dsn: str, timeout: float = 60) -> bool:
             while time.monotonic() < deadline:
                 last = conn.execute("SELECT coalesce(last_archived_wal, '') FROM pg_stat_archiver").fetchone()
                 if last and last[0] >= segment:
-                    return True
+                    return str(segment)
                 time.sleep(0.3)
     except psycopg.Error:
-        return False
-    return False
+        return None
+    return None
 
 
 def wake_checkpointer(dsn: str) -> None:
@@ -717,9 +718,12 @@ def backup(stanza: Stanza, kind: Literal["full", "diff", "incr"], repo: int) -> 
     incr or diff without a full before it into a full, and the set says so)."""
     before = {b.label for b in stanza.info(repo).backups}
     stanza.run(f"--type={kind}", "backup", repo=repo)
-    made = [b for b in stanza.info(repo).backups if b.label not in before and b.repo == repo]
+    after = stanza.info(repo)
+    made = [b for b in after.backups if b.label not in before and b.repo == repo]
     if not made:
         raise PitrError(f"pgbackrest backup (stanza {stanza.name}, repo{repo}) finished but no new set is listed")
+    previous = [b for b in after.usable(repo) if b.label in before]
+    made[-1].previous_wal_stop = previous[-1].wal_stop if previous else ""
     return made[-1]
 
 

@@ -12,6 +12,7 @@ import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
+from datetime import datetime
 from pathlib import Path
 
 import psycopg
@@ -112,20 +113,29 @@ def pitr_cluster(name: str = "pitrdb", archive_timeout: int = 2, s3: dict | None
 
 def flush_archive(cluster: PitrCluster, timeout: float = 90) -> str:
     """Switch to a new WAL segment and wait until the old one is archived; its name."""
-    import time
+    from tasks import pitr
 
-    segment = cluster.sql("SELECT pg_walfile_name(pg_switch_wal())")[0][0]
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        last = cluster.sql("SELECT coalesce(last_archived_wal, '') FROM pg_stat_archiver")[0][0]
-        if last >= segment:
-            return segment
-        time.sleep(0.2)
+    segment = pitr.archive_current_segment(cluster.dsn, timeout)
+    if segment:
+        return segment
     state = cluster.sql("SELECT failed_count, last_failed_wal, last_failed_time FROM pg_stat_archiver")[0]
     logs = sorted((cluster.base / "log").glob("*archive-push*.log"))
     tail = logs[-1].read_text()[-1500:] if logs else "no pgBackRest log"
-    raise AssertionError(f"WAL segment {segment} was not archived in {timeout} s (archiver failures: {state}; "
+    raise AssertionError(f"the current WAL segment was not archived in {timeout} s (archiver failures: {state}; "
                          f"pgBackRest: {tail})")
+
+
+def writes_around_a_target(cluster: PitrCluster, table: str = "t") -> datetime:
+    """Row 1 'before', a target time, row 2 'after', all archived: the target to restore to."""
+    import time
+
+    cluster.sql(f"INSERT INTO {table} VALUES (1, 'before')")
+    time.sleep(0.3)
+    target = cluster.sql("SELECT now()")[0][0]
+    time.sleep(0.3)
+    cluster.sql(f"INSERT INTO {table} VALUES (2, 'after')")
+    flush_archive(cluster)
+    return target
 
 
 @contextmanager

@@ -9,7 +9,6 @@ import os
 import shutil
 import subprocess
 import tempfile
-import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -21,7 +20,7 @@ from flows.pitr_restore import pitr_restore
 from tasks import pitr
 from tasks.config import load_settings
 from tests.conftest import free_port, need
-from tests.pitr_cluster import PitrCluster, flush_archive
+from tests.pitr_cluster import PitrCluster, flush_archive, writes_around_a_target
 
 
 @pytest.fixture
@@ -73,12 +72,7 @@ def test_a_debian_cluster_is_set_up_restored_beside_itself_and_switched(debian_c
     assert not (cluster.data_dir / "postgresql.conf").exists()  # Debian keeps it in /etc
     pitr.backup(stanza, "full", 1)
     cluster.sql("CREATE TABLE t (id int, note text)")
-    cluster.sql("INSERT INTO t VALUES (1, 'before')")
-    time.sleep(0.3)
-    target = cluster.sql("SELECT now()")[0][0]
-    time.sleep(0.3)
-    cluster.sql("INSERT INTO t VALUES (2, 'after')")
-    flush_archive(cluster)
+    target = writes_around_a_target(cluster)
 
     side = pitr_restore(cluster.name, target_time=target.isoformat())
     try:

@@ -5,7 +5,6 @@ time restores from the copy alone."""
 from __future__ import annotations
 
 import shutil
-import time
 from pathlib import Path
 
 import boto3
@@ -13,7 +12,7 @@ import psycopg
 
 from flows.pitr_backup import pitr_backup
 from flows.pitr_restore import pitr_restore
-from tests.pitr_cluster import flush_archive, moto_tls, pitr_cluster
+from tests.pitr_cluster import moto_tls, pitr_cluster, writes_around_a_target
 
 
 def test_the_s3_copy_is_encrypted_and_restores_a_point_in_time_on_its_own(moto_endpoint, bucket, kms_key, tmp_path):
@@ -22,12 +21,7 @@ def test_the_s3_copy_is_encrypted_and_restores_a_point_in_time_on_its_own(moto_e
         cluster.sql("CREATE TABLE t (id int, note text)")
         r = pitr_backup("pitrs3", type="full")
         assert [s.repo for s in r.sets] == [1, 2] and all(s.type == "full" for s in r.sets)
-        cluster.sql("INSERT INTO t VALUES (1, 'before')")
-        time.sleep(0.3)
-        target = cluster.sql("SELECT now()")[0][0]
-        time.sleep(0.3)
-        cluster.sql("INSERT INTO t VALUES (2, 'after')")
-        flush_archive(cluster)
+        target = writes_around_a_target(cluster)
 
         s3 = boto3.client("s3", endpoint_url=moto_endpoint, region_name="us-east-1")
         keys = [o["Key"] for o in s3.list_objects_v2(Bucket=bucket, Prefix="dr-copy/pgbackrest/")["Contents"]]
