@@ -205,6 +205,22 @@ def flow_run(client: httpx.Client, run_id: str) -> dict[str, Any]:
     return client.get(f"/flow_runs/{run_id}").json()
 
 
+def wait_for_approval(client: httpx.Client, run_id: str, timeout: float, what: str) -> dict[str, Any]:
+    """Wait until the run is paused *and* its approval form is stored.
+
+    Prefect stores the form's schema just after the PAUSED state, and a resume in between is
+    refused with "Run input schema not found", so PAUSED alone is not yet "waiting for approval".
+    """
+    def waiting() -> dict[str, Any] | None:
+        run = flow_run(client, run_id)
+        if run.get("state_type") != "PAUSED":
+            return None
+        schema = ((run.get("state") or {}).get("state_details") or {}).get("run_input_keyset", {}).get("schema")
+        return run if schema and client.get(f"/flow_runs/{run_id}/input/{schema}").status_code == 200 else None
+
+    return wait_for(waiting, timeout, what)
+
+
 def wait_final(client: httpx.Client, run_id: str, timeout: float = 120) -> dict[str, Any]:
     def final() -> dict[str, Any] | None:
         run = flow_run(client, run_id)

@@ -20,7 +20,7 @@ from tasks import pitr
 from tasks.config import load_settings
 from tests.conftest import free_port
 from tests.e2e.conftest import (BIN, NAMES, SHOTS, api_client, base_env, custom_run_form, deployments_by_name, run, spawn,
-                                submit_form, wait_final, wait_for, submit_dialog)
+                                submit_form, wait_final, wait_for, wait_for_approval, submit_dialog)
 from tests.pitr_cluster import PitrCluster, flush_archive, pitr_cluster
 
 PITR_SCHEDULED = {"pitr-backup-full-orders", "pitr-backup-diff-orders", "pitr-backup-incr-orders",
@@ -131,6 +131,7 @@ def test_a_switch_started_from_the_ui_form_waits_for_approval_in_the_browser(pit
             180, "the switch to wait for approval")
         run_id = runs[0]["id"]
         assert runs[0]["parameters"]["switch"] is True
+        wait_for_approval(client, run_id, 30, "the approval form to be stored")
     page.goto(f"{pitr_served['ui']}/runs/flow-run/{run_id}")
     page.get_by_role("button", name="Resume").click()
     form = page.get_by_role("dialog")

@@ -21,7 +21,7 @@ from demo.service import runbooks_section
 from tasks import postgres
 from tests.conftest import free_port
 from tests.e2e.conftest import (BIN, api_client, base_env, deployments_by_name, flow_run, run, spawn, wait_final, wait_for,
-                                write_config)
+                                wait_for_approval, write_config)
 
 SWAP_PAUSE = 4  # seconds between the two renames in this module's runs, to kill a run there
 
@@ -118,7 +118,8 @@ def resume(stack: dict[str, Any], run_id: str, run_input: dict[str, Any]) -> dic
 def test_a_second_recovery_is_refused_and_approvals_are_checked(stack):
     before, pid = counts(stack["dsn"]), stack["service"].status().pid
     first = start_run(stack, "database-recovery-orders", incident="INC-7")
-    wait_for(lambda: state(stack, first) == "PAUSED", 120, "the recovery to wait for approval")
+    with api_client(stack["url"]) as api:
+        wait_for_approval(api, first, 120, "the recovery to wait for approval")
 
     second = run([str(BIN / "runbooks"), "run", "data-loss-orders", "--param", "auto_approve=true", "--watch"],
                  stack["env"], timeout=180)

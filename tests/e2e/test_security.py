@@ -24,7 +24,7 @@ import redis
 from tasks.api_keys import claim
 from tests.conftest import free_port
 from tests.e2e.conftest import (BIN, SHOTS, AlertPorts, alert_sections, alert_stack, api_client, choose,
-                                custom_run_form, run, submit_form, wait_final, wait_for, write_config, submit_dialog)
+                                custom_run_form, run, submit_form, wait_final, wait_for, wait_for_approval, write_config, submit_dialog)
 from tests.security_stack import LIMITS, call, new_key, security_section, usual_use
 from tests.shared_redis import REDIS_URL
 from tests.slack_standin import running_standin
@@ -176,8 +176,7 @@ def test_a_flood_gets_limits_proposed_and_applied_only_once_approved(sec):
         wait_for(lambda: _firing(sec["prometheus"], "RateLimitedGlobally"), 120, "RateLimitedGlobally")
         with api_client(server.url) as client:
             ddos = wait_for(lambda: _runs(client, "ddos-response"), 60, "the ddos-response run")[0]
-            wait_for(lambda: client.get(f"/flow_runs/{ddos['id']}").json()["state_type"] == "PAUSED", 90,
-                     "the proposal to wait for approval")
+            wait_for_approval(client, ddos['id'], 90, "the proposal to wait for approval")
             proposal = client.post("/artifacts/filter", json={"artifacts": {"key": {"any_": ["ddos-proposal"]}},
                                                               "sort": "CREATED_DESC"}).json()[0]["data"]
             assert f"| key {flood_id} | {flood_key[:16]} | 5 | 1 |" in proposal, proposal
@@ -211,8 +210,7 @@ def test_a_revocation_started_in_the_ui_waits_for_its_approval_there(sec, page):
     submit_form(page)
     with api_client(server.url) as client:
         (started,) = [r for r in _runs(client, "api-key-revocation") if r["parameters"].get("key") == str(key_id)]
-        wait_for(lambda: client.get(f"/flow_runs/{started['id']}").json()["state_type"] == "PAUSED", 90,
-                 "the revocation to wait for approval")
+        wait_for_approval(client, started['id'], 90, "the revocation to wait for approval")
     assert call(url, plaintext) == 200  # nothing changed while it waits
     page.goto(f"{sec['ui']}/runs/flow-run/{started['id']}")
     page.get_by_role("button", name="Resume").click()

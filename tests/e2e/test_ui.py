@@ -7,7 +7,7 @@ from __future__ import annotations
 import re
 
 from tests.e2e.conftest import (BIN, SHOTS, api_client, choose, custom_run_form, deployments_by_name, run,
-                                submit_form, wait_final, wait_for, submit_dialog)
+                                submit_form, wait_final, wait_for, wait_for_approval, submit_dialog)
 
 
 def test_restore_test_started_from_its_form_completes_with_its_report(served, page):
@@ -72,8 +72,7 @@ def test_a_recovery_is_approved_in_its_resume_form(served, page):
                               json={"parameters": {"incident": "INC-UI"}})
         assert created.status_code == 201, created.text
         run_id = created.json()["id"]
-        wait_for(lambda: client.get(f"/flow_runs/{run_id}").json()["state_type"] == "PAUSED", 120,
-                 "the recovery to wait for approval")
+        wait_for_approval(client, run_id, 120, "the recovery to wait for approval")
 
     page.goto(f"{served['ui']}/runs/flow-run/{run_id}")
     page.get_by_role("button", name="Resume").click()

@@ -88,8 +88,12 @@ def _answer_when_paused(run_input: dict) -> threading.Thread:
                     "flow_runs": {"state": {"type": {"any_": ["PAUSED"]}}},
                     "limit": 1, "offset": 0, "sort": "START_TIME_DESC"}).json()
             if runs:
-                resume_flow_run(runs[0]["id"], run_input=run_input)
-                return
+                try:
+                    resume_flow_run(runs[0]["id"], run_input=run_input)
+                    return
+                except RuntimeError as e:  # PAUSED is set just before the form's schema is stored
+                    if "schema not found" not in str(e):
+                        raise
             time.sleep(0.2)
 
     thread = threading.Thread(target=answer, daemon=True)
