@@ -454,10 +454,13 @@ def pitr_setup(database: str, restart: bool = typer.Option(False, "--restart", h
 @pitr_app.command("status")
 def pitr_status(database: str) -> None:
     """The archiver's state and every backup set: what point in time can be reached."""
-    from tasks import pitr
+    from tasks import pitr, pitr_switch
 
     settings = load_settings()
     stanza = settings.stanza(database)
+    unsettled = pitr_switch.describe(stanza.cfg)
+    if unsettled:
+        out.print(f"[red]unsettled:[/red] {escape(unsettled)}")
     status = pitr.archiver_status(settings.database(database).dsn)
     last = status["last_archived_time"]
     out.print(f"archiving: {'[red]FAILING[/red]' if status['failing'] else 'ok'}; last {status['last_archived_wal']} "
@@ -542,10 +545,10 @@ def recovery_cleanup(database: Optional[str] = typer.Option(None, help="only thi
                                                       help="pre-restore copies older than this many days"),
                      yes: bool = typer.Option(False, "--yes", help="drop without asking")) -> None:
     """Settle runs that died (put production back or finish their swap, start the services
-    they stopped, drop their half-restored databases), then list the pre-restore copies
-    older than --older-than days and the abandoned restore databases, and drop them
-    after you confirm."""
-    from tasks import recovery
+    they stopped, drop their half-restored databases; for a PITR cluster, finish or undo a
+    switch of its data directory), then list the pre-restore copies older than
+    --older-than days and the abandoned restore databases, and drop them after you confirm."""
+    from tasks import pitr_switch, recovery
     from tasks.concurrency import exclusive
 
     settings = load_settings()
@@ -556,6 +559,12 @@ def recovery_cleanup(database: Optional[str] = typer.Option(None, help="only thi
         store = settings.open_store(db.config.store or "")
         with exclusive("database", name, wait_seconds=30):  # never under a live run's feet
             settled = recovery.settle_abandoned(settings, db, store, lambda line: out.print(f"{name}: {line}"))
+            if db.config.pitr is not None:
+                switched: list[str] = []
+                with pitr_switch.holding(None, db, db.config.pitr, say=switched.append, wait_seconds=30):
+                    for line in switched:
+                        out.print(f"{name}: {line}")
+                settled += switched
             found = recovery.leftovers(db, store, older_than, now)
             if not found:
                 out.print(f"{name}: nothing to clean up" + (" more" if settled else ""))

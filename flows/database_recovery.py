@@ -18,7 +18,7 @@ from psycopg import sql
 from pydantic import BaseModel
 
 from flows._common import announce
-from tasks import backups, postgres, recovery
+from tasks import backups, pitr_switch, postgres, recovery
 from tasks.approval import WAIT_SECONDS, approve
 from tasks.backup_tasks import (SpooledDump, create_scratch, drop_scratch, fail_verification, fetch_and_check,
                                 restore_into_scratch, verify_restored)
@@ -229,7 +229,7 @@ def recover_pitr(settings: Settings, run: RunReport, db: Database, restore_point
     ref = f" Incident: {incident}." if incident else ""
     announce(settings, run, Severity.HIGH, f"Recovery of {db.describe()} to {target.describe()} started "
                                            f"(point-in-time).{ref}")
-    with exclusive("database", db.name, refuse=lock_refusal), exclusive("pitr", db.name):
+    with exclusive("database", db.name, refuse=lock_refusal), pitr_switch.holding(run, db, stanza.cfg):
         done = restore_and_check(run, db, stanza, target, promote=True)
         action = f"switch the cluster of {db.name} to the one recovered to {utc(done.check.recovered_to)}"
         try:

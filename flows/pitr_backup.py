@@ -11,8 +11,7 @@ from prefect import flow
 from pydantic import BaseModel
 
 from flows._common import announce
-from tasks import pitr
-from tasks.concurrency import exclusive
+from tasks import pitr, pitr_switch
 from tasks.config import load_settings
 from tasks.errors import VerificationError
 from tasks.notify import Severity
@@ -58,7 +57,7 @@ def pitr_backup(database: str, type: Literal["full", "diff", "incr"] = "incr") -
     stanza = settings.stanza(database)
     with RunReport(f"PITR {type} backup", database) as run:
         try:
-            with exclusive("pitr", database):
+            with pitr_switch.holding(run, db, stanza.cfg):
                 status = archiver_step(run, stanza, db.dsn)
                 sets = [_backup(run, stanza, type, repo.index) for repo in stanza.repos]
             run.figure("Archive lag", f"{status['lag_seconds']:.0f} s ({status['ready']} segments waiting)")

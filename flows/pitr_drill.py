@@ -13,8 +13,7 @@ from pydantic import BaseModel
 
 from flows._common import announce
 from flows.pitr_restore import restore_and_check, switch_production
-from tasks import pitr
-from tasks.concurrency import exclusive
+from tasks import pitr, pitr_switch
 from tasks.config import load_settings
 from tasks.errors import ConfigError
 from tasks.notify import Severity
@@ -61,7 +60,7 @@ def pitr_drill(database: str, write_seconds: int = 30) -> PitrDrillResult:
     bin_dir = pitr.find_pg_bin(cfg, db.config.bin_dir)
     with RunReport("PITR drill", database) as run:
         try:
-            with exclusive("pitr", database):
+            with pitr_switch.holding(run, db, cfg):
                 with run.step("backup set to restore from") as step:
                     sets = stanza.info(1).usable(1)
                     made = sets[-1] if sets else pitr.backup(stanza, "full", 1)
@@ -108,11 +107,15 @@ def pitr_drill(database: str, write_seconds: int = 30) -> PitrDrillResult:
 
 
 def _kill(cfg: pitr.PitrConfig, bin_dir: Path) -> Path:
-    proc = pitr.pg_ctl(cfg, bin_dir, "stop", "-m", "immediate", "-D", str(cfg.data_dir))
-    if proc.returncode != 0:
-        raise PitrError(f"could not kill the cluster in {cfg.data_dir}: {(proc.stderr or proc.stdout).strip()}")
+    """Kill the primary and move its data directory away; recorded first, so that a drill
+    killed in turn leaves a record the next PITR run settles (it puts the directory back)."""
     stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ")
     lost = cfg.data_dir.with_name(f"{cfg.data_dir.name}.drill-lost-{stamp}")
+    pitr_switch.begin(cfg, pitr_switch.SwitchRecord(kept=str(lost)))
+    proc = pitr.pg_ctl(cfg, bin_dir, "stop", "-m", "immediate", "-D", str(cfg.data_dir))
+    if proc.returncode != 0:
+        pitr_switch.end(cfg)
+        raise PitrError(f"could not kill the cluster in {cfg.data_dir}: {(proc.stderr or proc.stdout).strip()}")
     cfg.data_dir.rename(lost)
     return lost
 
@@ -123,6 +126,7 @@ def _put_back(run: RunReport, cfg: pitr.PitrConfig, bin_dir: Path, lost_dir: Pat
         if not cfg.data_dir.exists():
             lost_dir.rename(cfg.data_dir)
             pitr.control(cfg, "start", bin_dir)
+            pitr_switch.end(cfg)
             run.figure("Undone", f"the drill failed: {cfg.data_dir} is back and started (crash recovery)")
     except Exception as exc:  # noqa: BLE001 - the drill's own error is the one raised
         get_run_logger().error("could not put %s back: %s", lost_dir, first_line(exc))

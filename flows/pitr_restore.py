@@ -15,9 +15,8 @@ from prefect import flow, get_run_logger
 from pydantic import BaseModel
 
 from flows._common import announce
-from tasks import pitr
+from tasks import pitr, pitr_switch
 from tasks.approval import WAIT_SECONDS, NotApproved, approve
-from tasks.concurrency import exclusive
 from tasks.config import load_settings
 from tasks.notify import Severity
 from tasks.pitr import PitrError, Restored, RestorePlan, Stanza, Target
@@ -81,7 +80,7 @@ def pitr_restore(database: str, target_time: str | None = None, restore_point: s
     target = Target.parse(target_time, restore_point)
     with RunReport("PITR restore", database) as run:
         try:
-            with exclusive("pitr", database):
+            with pitr_switch.holding(run, db, stanza.cfg):
                 done = restore_and_check(run, db, stanza, target, promote or switch, repo, backup_set)
                 restored, check = done.restored, done.check
                 previous = None
@@ -232,10 +231,12 @@ def switch_production(run: RunReport, db: Database, stanza: Stanza, restored: Re
     cfg = stanza.cfg
     bin_dir = pitr.find_pg_bin(cfg, db.config.bin_dir)
     stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ")
-    kept = cfg.data_dir.with_name(f"{cfg.data_dir.name}.replaced-{stamp}")
+    ongoing = pitr_switch.read(cfg)  # the drill's own, written before it moved production away
+    kept = Path(ongoing.kept) if ongoing else cfg.data_dir.with_name(f"{cfg.data_dir.name}.replaced-{stamp}")
     moved_old = moved_new = False
     with run.step("switch production") as step:
         try:
+            pitr_switch.begin(cfg, pitr_switch.SwitchRecord(kept=str(kept), restored=str(restored.data_dir)))
             with psycopg.connect(restored.dsn(db.dsn, "postgres"), autocommit=True) as conn:
                 if conn.execute("SELECT pg_is_in_recovery()").fetchone()[0]:  # type: ignore[index]
                     conn.execute("SELECT pg_promote(true, 300)")
@@ -255,6 +256,7 @@ def switch_production(run: RunReport, db: Database, stanza: Stanza, restored: Re
                 recovering = conn.execute("SELECT pg_is_in_recovery()").fetchone()[0]  # type: ignore[index]
             if recovering:
                 raise PitrError("production came back still in recovery")
+            pitr_switch.end(cfg)
         except BaseException:
             _undo_switch(run, cfg, bin_dir, restored, kept, moved_old, moved_new)
             raise
@@ -266,7 +268,8 @@ def switch_production(run: RunReport, db: Database, stanza: Stanza, restored: Re
 
 def _undo_switch(run: RunReport, cfg: pitr.PitrConfig, bin_dir: Path, restored: Restored, kept: Path,
                  moved_old: bool, moved_new: bool) -> None:
-    """Put production's own data directory back and start it (best effort, said in the report)."""
+    """Put production's own data directory back and start it (best effort, said in the report).
+    The drill's production directory is away before any switch: the drill puts it back."""
     log = get_run_logger()
     try:
         if moved_new:
@@ -274,12 +277,16 @@ def _undo_switch(run: RunReport, cfg: pitr.PitrConfig, bin_dir: Path, restored: 
             cfg.data_dir.rename(restored.data_dir)
         if moved_old:
             kept.rename(cfg.data_dir)
-            pitr.control(cfg, "start", bin_dir)
-        run.figure("Switch undone", f"production's data directory {cfg.data_dir} is back"
-                   + (" and started" if moved_old else ""))
+        if cfg.data_dir.exists():
+            started = not pitr_switch.running(cfg, bin_dir)
+            if started:
+                pitr.control(cfg, "start", bin_dir)
+            pitr_switch.end(cfg)
+            run.figure("Switch undone", f"production's data directory {cfg.data_dir} is back"
+                       + (" and started" if started else ""))
     except Exception as exc:  # noqa: BLE001 - the first error is the one to report; say this one too
-        log.error("could not undo the switch: %s; production's data is in %s", first_line(exc),
-                  kept if moved_old else cfg.data_dir)
+        log.error("could not undo the switch: %s; production's data is in %s (the next PITR run or "
+                  "`runbooks recovery cleanup` retries)", first_line(exc), kept if moved_old else cfg.data_dir)
 
 
 def stop_quietly(cfg: pitr.PitrConfig, bin_dir: Path, data_dir: Path) -> None:

@@ -10,8 +10,7 @@ from pydantic import BaseModel
 
 from flows._common import announce
 from flows.pitr_restore import restore_and_check
-from tasks import pitr
-from tasks.concurrency import exclusive
+from tasks import pitr, pitr_switch
 from tasks.config import load_settings
 from tasks.notify import Severity
 from tasks.pitr import Target
@@ -44,7 +43,7 @@ def pitr_restore_test(database: str, repo: int = 1) -> PitrRestoreTestResult:
     stanza = settings.stanza(database)
     with RunReport("PITR restore test", database) as run:
         try:
-            with exclusive("pitr", database):
+            with pitr_switch.holding(run, db, stanza.cfg):
                 done = restore_and_check(run, db, stanza, Target(kind="latest"), promote=True, repo=repo,
                                          scratch=True)
                 bin_dir = pitr.find_pg_bin(stanza.cfg, db.config.bin_dir)

@@ -14,6 +14,7 @@ only one can delete the record.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import socket
 import threading
@@ -41,6 +42,20 @@ STALE_SECONDS = 20       # a record older than this belongs to a holder that is 
 REPORT_SECONDS = 30      # a waiting run says who it waits for this often
 TRY_SECONDS = 5          # one acquisition attempt, between checks of the holder
 ENDED = {"COMPLETED", "FAILED", "CRASHED", "CANCELLED"}
+
+
+class _TryTimedOut(logging.Filter):
+    """Each acquisition try in `_acquire` may end in the TimeoutError it expects, which
+    Prefect's acquisition service logs as an ERROR ("failed to process item") every few
+    seconds of a wait: an error line an operator would have to learn to ignore."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        args = record.args if isinstance(record.args, tuple) else ()
+        return not (len(args) == 2 and args[0] == "ConcurrencySlotAcquisitionWithLeaseService"
+                    and "TimeoutError" in repr(args[1]))
+
+
+logging.getLogger("prefect._internal.concurrency").addFilter(_TryTimedOut())
 
 
 def limit_name(kind: str, name: str) -> str:

@@ -428,9 +428,13 @@ class Restored:
     data_dir: Path
     port: int
     log_file: Path
+    log_from: int = 0  # where the current start's lines begin in log_file (each start appends)
 
     def dsn(self, base: str, dbname: str | None = None) -> str:
         return cluster_dsn(base, self.port, dbname)
+
+    def last_fatal(self) -> str:
+        return last_fatal(self.log_file, self.log_from)
 
 
 def pg_ctl(cfg: PitrConfig, bin_dir: Path, *args: str, timeout: float = 600) -> subprocess.CompletedProcess[str]:
@@ -481,14 +485,15 @@ def start_restored(cfg: PitrConfig, bin_dir: Path, restored: Restored, archive: 
             os.chown(restored.log_file, *_owner(cfg))
     for _ in range(3):
         opts = f"-p {restored.port}" + ("" if archive else " -c archive_mode=off")
+        restored.log_from = restored.log_file.stat().st_size
         proc = pg_ctl(cfg, bin_dir, "start", "-w", "-t", "600", "-D", str(restored.data_dir),
                       "-l", str(restored.log_file), "-o", opts)
-        if proc.returncode == 0 or "could not create any TCP/IP sockets" not in last_fatal(restored.log_file):
+        if proc.returncode == 0 or "could not create any TCP/IP sockets" not in restored.last_fatal():
             break
         restored.port = free_port()  # taken meanwhile (another restore on this host): another one
     if proc.returncode != 0:
         said = (proc.stderr or proc.stdout).strip().splitlines() or ["no output"]
-        fatal = last_fatal(restored.log_file) if restored.log_file.stat().st_size else said[-1]
+        fatal = restored.last_fatal() if restored.log_file.stat().st_size > restored.log_from else said[-1]
         raise _recovery_error(fatal)(f"restored cluster in {restored.data_dir} did not start: {fatal}")
 
 
@@ -546,13 +551,21 @@ def drop_recovery_target(cfg: PitrConfig, data_dir: Path) -> None:
         fh.writelines(ln for ln in lines if not ln.lstrip().startswith("recovery_target"))
 
 
-def last_fatal(log_file: Path) -> str:
-    """The server log's last FATAL or PANIC line, for a cluster that died in recovery."""
+# What a client is told while the server starts or stops: logged as FATAL, never the cause.
+_REFUSED_CLIENT = re.compile(r"the database system is (starting up|in recovery mode|shutting down|not "
+                             r"(yet )?accepting connections)")
+
+
+def last_fatal(log_file: Path, start: int = 0) -> str:
+    """The server log's last FATAL or PANIC line from byte `start` on (one start's lines),
+    for a cluster that died in recovery; a refused connection of ours is not the cause."""
     try:
-        lines = log_file.read_text(errors="replace").splitlines()
+        with open(log_file, "rb") as fh:
+            fh.seek(start)
+            lines = fh.read().decode(errors="replace").splitlines()
     except OSError:
         return f"no server log at {log_file}"
-    bad = [ln for ln in lines if re.search(r"\b(FATAL|PANIC):", ln)]
+    bad = [ln for ln in lines if re.search(r"\b(FATAL|PANIC):", ln) and not _REFUSED_CLIENT.search(ln)]
     picked = bad[-1] if bad else (lines[-1] if lines else "empty server log")
     return re.sub(r"^\S+ \S+ \S+ \[\d+\] ", "", picked).strip()
 
@@ -567,7 +580,7 @@ def wait_recovered(cfg: PitrConfig, restored: Restored, dsn: str, expect_paused:
                FROM pg_control_checkpoint()"""
     while True:
         if not (restored.data_dir / "postmaster.pid").exists():
-            fatal = last_fatal(restored.log_file)
+            fatal = restored.last_fatal()
             raise _recovery_error(fatal)(f"restored cluster stopped during recovery: {fatal}")
         try:
             with psycopg.connect(restored.dsn(dsn, "postgres"), autocommit=True) as conn:

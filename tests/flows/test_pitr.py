@@ -4,7 +4,11 @@ switch, the RPO drill and an archive that fails."""
 
 from __future__ import annotations
 
+import os
 import shutil
+import signal
+import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from datetime import timedelta
@@ -17,7 +21,7 @@ from flows.pitr_backup import pitr_backup, pitr_verify
 from flows.pitr_drill import pitr_drill
 from flows.pitr_restore import pitr_restore
 from flows.pitr_restore_test import pitr_restore_test
-from tasks import pitr
+from tasks import pitr, pitr_switch
 from tasks.config import load_settings
 from tasks.errors import ConfigError, VerificationError
 from tests.pitr_cluster import PitrCluster, flush_archive, pitr_cluster
@@ -152,6 +156,101 @@ def test_switch_puts_the_restored_cluster_in_production_and_keeps_the_old_data(c
     flush_archive(cluster)
     assert pitr.archiver_status(cluster.dsn)["failing"] is False
     shutil.rmtree(r.previous_data_dir)
+
+
+KILLED_SWITCH = """
+import os, signal, sys
+from pathlib import Path
+from deployments.environment import quiet_prefect
+quiet_prefect()
+from flows.pitr_restore import pitr_restore
+from tasks import pitr, pitr_switch
+
+point, rename, control = sys.argv[1], Path.rename, pitr.control
+
+def killing_rename(self, target):  # SIGKILL right after production's directory went aside
+    out = rename(self, target)
+    if point == "aside" and ".replaced-" in str(target):
+        os.kill(os.getpid(), signal.SIGKILL)
+    return out
+
+def killing_control(cfg, action, bin_dir):  # SIGKILL with the restored directory in place, not started
+    if point == "moved-in" and action == "start":
+        os.kill(os.getpid(), signal.SIGKILL)
+    return control(cfg, action, bin_dir)
+
+Path.rename, pitr.control = killing_rename, killing_control
+pitr_restore("pitrdb", switch=True, auto_approve=True)
+"""
+
+
+def kill_a_switch(cluster: PitrCluster, point: str, tmp_path: Path) -> None:
+    """Run a switch in a process of its own, SIGKILL it at `point`, and mark its run
+    Crashed as `runbooks serve` or a worker does when a run's process dies (so the next
+    run need not wait for the dead holder's heartbeat to go stale)."""
+    from prefect.client.orchestration import get_client
+    from prefect.settings import PREFECT_API_URL
+    from prefect.states import Crashed
+
+    script = tmp_path / "killed_switch.py"
+    script.write_text(KILLED_SWITCH)
+    env = {**os.environ, "PREFECT_API_URL": PREFECT_API_URL.value(), "PYTHONPATH": str(Path.cwd())}
+    proc = subprocess.run([sys.executable, str(script), point], env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == -signal.SIGKILL, proc.stdout[-2000:] + proc.stderr[-2000:]
+    assert pitr_switch.read(stanza().cfg) is not None
+    with get_client(sync_client=True) as client:
+        (dead,) = client.request("POST", "/flow_runs/filter", json={
+            "flows": {"name": {"any_": ["pitr-restore"]}}, "flow_runs": {"state": {"type": {"any_": ["RUNNING"]}}},
+            "limit": 5, "offset": 0}).json()
+        client.set_flow_run_state(dead["id"], Crashed(message="its process was killed"), force=True)
+
+
+def timeline(cluster: PitrCluster) -> int:
+    return cluster.sql("SELECT timeline_id FROM pg_control_checkpoint()")[0][0]
+
+
+def test_a_switch_killed_with_production_aside_is_put_back_by_the_next_pitr_run(cluster, tmp_path):
+    cluster.sql("INSERT INTO orders VALUES (7101, 'before the killed switch')")
+    flush_archive(cluster)
+    before = timeline(cluster)
+    kill_a_switch(cluster, "aside", tmp_path)
+    assert not cluster.data_dir.exists()  # production is down, its data aside: the state to settle
+    assert "did not finish" in pitr_switch.describe(stanza().cfg)
+
+    pitr_backup("pitrdb", type="incr")  # any PITR run settles it first, under the cluster's slot
+    report = artifact("pitr-incr-backup-pitrdb")
+    assert "settle a dead run's switch" in report and "put it back from" in report, report
+    assert "started production on port" in report
+    assert timeline(cluster) == before  # production's own directory, not the restored copy
+    assert cluster.sql("SELECT note FROM orders WHERE id = 7101") == [("before the killed switch",)]
+    assert pitr_switch.read(stanza().cfg) is None and not list(cluster.base.glob("data.replaced-*"))
+    (side,) = [d for d in cluster.base.glob("data.pitr-*") if d.is_dir()]  # the restored copy: kept, stopped
+    assert not (side / "postmaster.pid").exists()
+    stop_side(cluster, str(side))
+
+
+def test_a_switch_killed_with_the_restored_cluster_in_place_is_finished_by_recovery_cleanup(cluster, tmp_path):
+    from typer.testing import CliRunner
+
+    from deployments.cli import app
+
+    cluster.sql("INSERT INTO orders VALUES (7201, 'before the killed switch')")
+    flush_archive(cluster)
+    before = timeline(cluster)
+    kill_a_switch(cluster, "moved-in", tmp_path)
+    assert cluster.data_dir.is_dir() and not (cluster.data_dir / "postmaster.pid").exists()
+
+    result = CliRunner().invoke(app, ["recovery", "cleanup", "--database", "pitrdb", "--yes"])
+    assert result.exit_code == 0, (result.output, result.exception)
+    assert "had moved the restored cluster in: finished it" in result.output, result.output
+    assert "started production on port" in result.output
+    assert timeline(cluster) > before  # the restored cluster, promoted, is production now
+    assert cluster.sql("SELECT note FROM orders WHERE id = 7201") == [("before the killed switch",)]
+    assert cluster.sql("SELECT pg_is_in_recovery()") == [(False,)]
+    assert pitr_switch.read(stanza().cfg) is None
+    (kept,) = cluster.base.glob("data.replaced-*")  # production's old directory, as a switch keeps it
+    shutil.rmtree(kept)
+    flush_archive(cluster)  # the new timeline archives
 
 
 def test_the_rpo_drill_counts_the_markers_a_crash_loses(cluster):

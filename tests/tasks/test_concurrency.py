@@ -60,6 +60,7 @@ def test_a_waiter_names_the_holder_and_gets_the_slot_when_it_is_free(fast, caplo
     assert waited > 1.5
     lines = [r.getMessage() for r in caplog.records if "waiting for" in r.getMessage()]
     assert lines and f"held by run '{record['flow_run_name']}'" in lines[0] and "state Running" in lines[0]
+    assert not [r for r in caplog.records if r.levelno >= logging.ERROR], caplog.text  # a wait is no error
     assert _active(f"database:{name}") == 0
     with get_client(sync_client=True) as client:
         assert client.read_variable_by_name(record_name(f"database:{name}")) is None

@@ -86,3 +86,24 @@ def test_an_unknown_store_and_a_bad_stanza_name_are_refused():
         pitr.stanza_of("x", config(store="nope"), STORES)
     with pytest.raises(ConfigError, match="not a valid stanza name"):
         pitr.stanza_of("x", config(store="s3").model_copy(update={"stanza": "Bad Name"}), STORES)
+
+
+def test_the_cause_of_a_failed_start_is_its_own_fatal_line_not_a_refused_connection(tmp_path):
+    """Seen under load: the second start after "recovery ended before ..." died, and the
+    log's last FATAL was our own poll being refused, which hid the cause."""
+    log = tmp_path / "restored.log"
+    log.write_text("2026-12-07 05:01:40.1 UTC [10] FATAL:  recovery ended before configured recovery target "
+                   "was reached\n")
+    second_start = log.stat().st_size
+    with open(log, "a") as fh:
+        fh.write("2026-12-07 05:01:41.0 UTC [11] LOG:  starting PostgreSQL 15\n"
+                 "2026-12-07 05:01:41.2 UTC [12] FATAL:  could not open file \"pg_wal/x\": No such file\n"
+                 "2026-12-07 05:01:41.3 UTC [13] FATAL:  the database system is in recovery mode\n"
+                 "2026-12-07 05:01:41.4 UTC [14] FATAL:  the database system is not yet accepting connections\n")
+    assert pitr.last_fatal(log, second_start) == 'FATAL:  could not open file "pg_wal/x": No such file'
+    restored = pitr.Restored(tmp_path / "data", 5999, log, log_from=second_start)
+    assert pitr._recovery_error(restored.last_fatal()) is pitr.PitrError  # not TargetNotReached
+    with open(log, "a") as fh:
+        fh.write("2026-12-07 05:01:42.0 UTC [11] FATAL:  recovery ended before configured recovery target "
+                 "was reached\n2026-12-07 05:01:42.1 UTC [15] FATAL:  the database system is shutting down\n")
+    assert pitr._recovery_error(restored.last_fatal()) is pitr.TargetNotReached
