@@ -559,7 +559,7 @@ def recovery_cleanup(database: Optional[str] = typer.Option(None, help="only thi
         store = settings.open_store(db.config.store or "")
         with exclusive("database", name, wait_seconds=30):  # never under a live run's feet
             settled = recovery.settle_abandoned(settings, db, store, lambda line: out.print(f"{name}: {line}"))
-            if db.config.pitr is not None:
+            if db.config.pitr is not None and pitr_switch.read(db.config.pitr) is not None:
                 switched: list[str] = []
                 with pitr_switch.holding(None, db, db.config.pitr, say=switched.append, wait_seconds=30):
                     for line in switched:

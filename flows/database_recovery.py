@@ -250,14 +250,16 @@ def recover_pitr(settings: Settings, run: RunReport, db: Database, restore_point
     result.outage_seconds = (result.ready_at - switched_at).total_seconds()
     recovered = done.check.recovered_to
     result.data_loss_window_seconds = ((target.time or switched_at) - recovered).total_seconds() if recovered else None
-    result.restored_database, result.pre_restore_database = str(stanza.cfg.data_dir), str(kept)
+    result.restored_database, result.pre_restore_database = str(stanza.cfg.data_dir), str(kept) if kept else None
     result.recovered, result.outcome = True, "recovered (point-in-time)"
     result.steps = {s.name: round(s.seconds, 3) for s in run.steps}
     run.outcome = result.outcome
     run.figure("RTO", f"{result.rto_seconds:.1f} s")
     run.figure("Outage (switch)", f"{result.outage_seconds:.1f} s")
     announce(settings, run, Severity.INFO, f"{db.name} recovered to {target.describe()} (point-in-time): RTO "
-                                           f"{result.rto_seconds:.1f} s; old data kept in {kept}.{ref}")
+                                           f"{result.rto_seconds:.1f} s; "
+                                           + (f"old data kept in {kept}." if kept else "there was no old data directory.")
+                                           + ref)
     return result
 
 

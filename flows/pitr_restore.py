@@ -104,7 +104,8 @@ def pitr_restore(database: str, target_time: str | None = None, restore_point: s
                                                "it when done)")
             print(f"PITR restore of {database}: recovered to {utc(check.recovered_to)}, "
                   f"verified in {done.verified_seconds:.1f} s"
-                  + (f"; production now runs it (old data kept in {previous})" if switch else
+                  + ("; production now runs it" + (f" (old data kept in {previous})" if previous else "")
+                     if switch else
                      f"; side cluster on port {port}"))
             run.outcome = "switched" if switch else "restored beside production"
             announce(settings, run, Severity.INFO, f"{database} restored to {target.describe()}.")
@@ -225,18 +226,24 @@ def evidence(run: RunReport) -> list[str]:
     return [f"{k}: {run.figures[k]}" for k in keys if k in run.figures]
 
 
-def switch_production(run: RunReport, db: Database, stanza: Stanza, restored: Restored) -> Path:
+def switch_production(run: RunReport, db: Database, stanza: Stanza, restored: Restored) -> Path | None:
     """Promote the restored cluster and put it in production's place; production's data
     directory is renamed, never removed. A failure part-way puts the old one back."""
     cfg = stanza.cfg
     bin_dir = pitr.find_pg_bin(cfg, db.config.bin_dir)
     stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ")
-    ongoing = pitr_switch.read(cfg)  # the drill's own, written before it moved production away
-    kept = Path(ongoing.kept) if ongoing else cfg.data_dir.with_name(f"{cfg.data_dir.name}.replaced-{stamp}")
+    ongoing = pitr_switch.read(cfg)
+    if ongoing:  # the drill's own, written before it moved production away
+        kept = Path(ongoing.kept) if ongoing.kept else None
+    elif cfg.data_dir.exists():
+        kept = cfg.data_dir.with_name(f"{cfg.data_dir.name}.replaced-{stamp}")
+    else:
+        kept = None  # production's directory is already gone (a lost disk): nothing to keep
     moved_old = moved_new = False
     with run.step("switch production") as step:
         try:
-            pitr_switch.begin(cfg, pitr_switch.SwitchRecord(kept=str(kept), restored=str(restored.data_dir)))
+            pitr_switch.begin(cfg, pitr_switch.SwitchRecord(kept=str(kept) if kept else None,
+                                                            restored=str(restored.data_dir)))
             with psycopg.connect(restored.dsn(db.dsn, "postgres"), autocommit=True) as conn:
                 if conn.execute("SELECT pg_is_in_recovery()").fetchone()[0]:  # type: ignore[index]
                     conn.execute("SELECT pg_promote(true, 300)")
@@ -245,7 +252,7 @@ def switch_production(run: RunReport, db: Database, stanza: Stanza, restored: Re
             pitr.drop_restored_conf(restored.data_dir)
             if (cfg.data_dir / "postmaster.pid").exists():
                 pitr.control(cfg, "stop", bin_dir)
-            if cfg.data_dir.exists():
+            if cfg.data_dir.exists() and kept is not None:
                 cfg.data_dir.rename(kept)
                 moved_old = True
             restored.data_dir.rename(cfg.data_dir)
@@ -260,22 +267,26 @@ def switch_production(run: RunReport, db: Database, stanza: Stanza, restored: Re
         except BaseException:
             _undo_switch(run, cfg, bin_dir, restored, kept, moved_old, moved_new)
             raise
-        step.detail = (f"production runs the restored cluster on port {cfg.port}; old data kept in {kept}; "
-                       f"new timeline queued for the archive: {', '.join(queued) or 'nothing'}")
+        step.detail = (f"production runs the restored cluster on port {cfg.port}; "
+                       + (f"old data kept in {kept}; " if moved_old else "there was no old data directory; ")
+                       + f"new timeline queued for the archive: {', '.join(queued) or 'nothing'}")
     run.figure("Previous data directory", f"{kept} (kept; remove it when satisfied)" if moved_old else "none")
-    return kept
+    return kept if moved_old else None
 
 
-def _undo_switch(run: RunReport, cfg: pitr.PitrConfig, bin_dir: Path, restored: Restored, kept: Path,
+def _undo_switch(run: RunReport, cfg: pitr.PitrConfig, bin_dir: Path, restored: Restored, kept: Path | None,
                  moved_old: bool, moved_new: bool) -> None:
     """Put production's own data directory back and start it (best effort, said in the report).
-    The drill's production directory is away before any switch: the drill puts it back."""
+    The record says "undoing" first, so that a kill now is undone, not finished, by the next
+    run. The drill's production directory is away before any switch: the drill puts it back."""
     log = get_run_logger()
     try:
+        if (current := pitr_switch.read(cfg)) is not None:
+            pitr_switch.begin(cfg, current.model_copy(update={"undoing": True}))
         if moved_new:
             stop_quietly(cfg, bin_dir, cfg.data_dir)
             cfg.data_dir.rename(restored.data_dir)
-        if moved_old:
+        if moved_old and kept is not None:
             kept.rename(cfg.data_dir)
         if cfg.data_dir.exists():
             started = not pitr_switch.running(cfg, bin_dir)
@@ -284,6 +295,8 @@ def _undo_switch(run: RunReport, cfg: pitr.PitrConfig, bin_dir: Path, restored: 
             pitr_switch.end(cfg)
             run.figure("Switch undone", f"production's data directory {cfg.data_dir} is back"
                        + (" and started" if started else ""))
+        elif kept is None:
+            pitr_switch.end(cfg)  # production's directory was gone before the switch: nothing to put back
     except Exception as exc:  # noqa: BLE001 - the first error is the one to report; say this one too
         log.error("could not undo the switch: %s; production's data is in %s (the next PITR run or "
                   "`runbooks recovery cleanup` retries)", first_line(exc), kept if moved_old else cfg.data_dir)

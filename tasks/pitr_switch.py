@@ -13,6 +13,7 @@ cluster's `pitr` slot, so a record it finds at its start belongs to a run that d
 from __future__ import annotations
 
 import os
+import socket
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from datetime import datetime, timezone
@@ -33,11 +34,28 @@ def _this_run() -> str:
     return run_name or run_id or f"pid {os.getpid()}"
 
 
+def _process_start(pid: int) -> str | None:
+    """The process's start time in clock ticks since boot (/proc), None when it is gone:
+    with the pid it names one process, even after the pid is reused."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[19]
+    except (OSError, IndexError):
+        return None
+
+
 class SwitchRecord(BaseModel):
     run: str = Field(default_factory=_this_run)  # the flow run that switches
     started_at: datetime = Field(default_factory=lambda: datetime.now(timezone.utc))
-    kept: str  # where production's own data directory is (or will be) kept
+    host: str = Field(default_factory=socket.gethostname)
+    pid: int = Field(default_factory=os.getpid)
+    pid_started: str | None = Field(default_factory=lambda: _process_start(os.getpid()))
+    kept: str | None  # where production's own data directory is (or will be) kept; None: it was already gone
     restored: str | None = None  # the restored data directory that replaces it
+    undoing: bool = False  # the switch failed and is being undone: settle undoes it too
+
+    def writer_alive(self) -> bool:
+        return (self.host == socket.gethostname() and self.pid_started is not None
+                and _process_start(self.pid) == self.pid_started)
 
 
 def record_path(cfg: PitrConfig) -> Path:
@@ -79,26 +97,40 @@ def running(cfg: PitrConfig, bin_dir: Path) -> bool:
 
 def settle(cfg: PitrConfig, bin_dir: Path, dsn: str) -> list[str]:
     """Finish or undo the switch of a run that died; one line per thing done. Production's
-    directory never left: start it. Moved aside but nothing in its place: put it back and
+    directory never left: start it. Moved aside with nothing in its place: put it back and
     start it. The restored cluster moved in: the approved switch is finished (started, a
-    primary) and production's old directory stays kept. The record stays when this fails."""
+    primary), production's old directory stays kept; unless the run was undoing a failed
+    switch, which is then undone. The record stays when this fails."""
     record = read(cfg)
     if record is None:
         return []
     who = f"the switch of run {record.run} (started {utc(record.started_at)})"
-    kept = Path(record.kept)
+    if record.writer_alive():
+        raise PitrError(f"{who} is still running as pid {record.pid} although its slot was freed; "
+                        "its directories were not touched")
+    kept = Path(record.kept) if record.kept else None
     restored = Path(record.restored) if record.restored else None
+    moved_in = restored is not None and not restored.exists() and cfg.data_dir.exists()
     done: list[str] = []
-    if not cfg.data_dir.exists():
+    if moved_in and record.undoing:
+        pitr.stop_cluster(cfg, bin_dir, cfg.data_dir)
+        cfg.data_dir.rename(restored)  # type: ignore[arg-type]
+        moved_in = False
+        done.append(f"{who} was undoing a failed switch: moved the restored cluster back to {restored}")
+    if moved_in:
+        done.append(f"{who} had moved the restored cluster in: finished it"
+                    + (f" (production's old data directory is kept in {kept})" if kept and kept.exists() else ""))
+    elif not cfg.data_dir.exists():
+        if kept is None:
+            end(cfg)
+            return [*done, f"{who} began with production's data directory already gone and moved nothing; "
+                           f"the restored cluster is kept in {restored}"]
         if not kept.exists():
             raise PitrError(f"{who} left neither {cfg.data_dir} nor {kept}; nothing was changed: "
                             f"find production's data directory by hand, then remove {record_path(cfg)}")
         kept.rename(cfg.data_dir)
         done.append(f"{who} had moved production's data directory aside: put it back from {kept}")
-    elif restored is not None and not restored.exists() and kept.exists():
-        done.append(f"{who} had moved the restored cluster in: finished it (production's old data "
-                    f"directory is kept in {kept})")
-    else:
+    elif not done:
         done.append(f"{who} had not switched: production's own data directory is unchanged"
                     + (f"; the restored cluster is kept in {restored}" if restored and restored.exists() else ""))
     if not running(cfg, bin_dir):
@@ -119,7 +151,8 @@ def describe(cfg: PitrConfig) -> str | None:
     if record is None:
         return None
     return (f"the switch of run {record.run} (started {utc(record.started_at)}) did not finish; the next PITR "
-            f"run or `runbooks recovery cleanup` settles it (production's directory kept: {record.kept}; "
+            f"run or `runbooks recovery cleanup` settles it (production's directory kept: "
+            f"{record.kept or 'none, it was already gone'}; "
             f"restored: {record.restored or 'none yet'})")
 
 

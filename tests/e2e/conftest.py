@@ -215,7 +215,8 @@ def wait_for_approval(client: httpx.Client, run_id: str, timeout: float, what: s
         run = flow_run(client, run_id)
         if run.get("state_type") != "PAUSED":
             return None
-        schema = ((run.get("state") or {}).get("state_details") or {}).get("run_input_keyset", {}).get("schema")
+        details = (run.get("state") or {}).get("state_details") or {}
+        schema = (details.get("run_input_keyset") or {}).get("schema")
         return run if schema and client.get(f"/flow_runs/{run_id}/input/{schema}").status_code == 200 else None
 
     return wait_for(waiting, timeout, what)

@@ -177,8 +177,19 @@ def killing_rename(self, target):  # SIGKILL right after production's directory 
 def killing_control(cfg, action, bin_dir):  # SIGKILL with the restored directory in place, not started
     if point == "moved-in" and action == "start":
         os.kill(os.getpid(), signal.SIGKILL)
+    if point == "undoing" and action == "start" and not hasattr(pitr, "failed_once"):
+        pitr.failed_once = True
+        raise pitr.PitrError("injected: production did not start")  # the switch fails and is undone...
     return control(cfg, action, bin_dir)
 
+def killing_stop(*args, **kwargs):  # ...and SIGKILL once the undo has stopped the restored cluster
+    stop(*args, **kwargs)
+    os.kill(os.getpid(), signal.SIGKILL)
+
+import flows.pitr_restore as switching
+stop = switching.stop_quietly
+if point == "undoing":
+    switching.stop_quietly = killing_stop
 Path.rename, pitr.control = killing_rename, killing_control
 pitr_restore("pitrdb", switch=True, auto_approve=True)
 """
@@ -251,6 +262,25 @@ def test_a_switch_killed_with_the_restored_cluster_in_place_is_finished_by_recov
     (kept,) = cluster.base.glob("data.replaced-*")  # production's old directory, as a switch keeps it
     shutil.rmtree(kept)
     flush_archive(cluster)  # the new timeline archives
+
+
+def test_a_switch_killed_while_it_was_being_undone_is_undone_not_finished(cluster, tmp_path):
+    cluster.sql("INSERT INTO orders VALUES (7301, 'before the failed switch')")
+    flush_archive(cluster)
+    before = timeline(cluster)
+    kill_a_switch(cluster, "undoing", tmp_path)
+    assert pitr_switch.read(stanza().cfg).undoing  # killed with the restored directory still in place
+    assert cluster.data_dir.is_dir() and list(cluster.base.glob("data.replaced-*"))
+
+    pitr_backup("pitrdb", type="incr")
+    report = artifact("pitr-incr-backup-pitrdb")
+    assert "was undoing a failed switch: moved the restored cluster back to" in report, report
+    assert "had moved production's data directory aside: put it back from" in report
+    assert timeline(cluster) == before  # production's own data, not the failed switch's
+    assert cluster.sql("SELECT note FROM orders WHERE id = 7301") == [("before the failed switch",)]
+    assert pitr_switch.read(stanza().cfg) is None and not list(cluster.base.glob("data.replaced-*"))
+    (side,) = [d for d in cluster.base.glob("data.pitr-*") if d.is_dir()]
+    stop_side(cluster, str(side))
 
 
 def test_the_rpo_drill_counts_the_markers_a_crash_loses(cluster):

@@ -107,3 +107,15 @@ def test_the_cause_of_a_failed_start_is_its_own_fatal_line_not_a_refused_connect
         fh.write("2026-12-07 05:01:42.0 UTC [11] FATAL:  recovery ended before configured recovery target "
                  "was reached\n2026-12-07 05:01:42.1 UTC [15] FATAL:  the database system is shutting down\n")
     assert pitr._recovery_error(restored.last_fatal()) is pitr.TargetNotReached
+
+
+def test_an_earlier_start_s_failure_is_not_the_cause_of_this_one(tmp_path):
+    log = tmp_path / "restored.log"
+    log.write_text("2026-12-07 05:01:40.1 UTC [10] FATAL:  recovery ended before configured recovery target "
+                   "was reached\n")
+    restored = pitr.Restored(tmp_path / "data", 5999, log, log_from=log.stat().st_size)
+    with open(log, "a") as fh:
+        fh.write("2026-12-07 05:01:41.3 UTC [13] FATAL:  the database system is starting up\n"
+                 "2026-12-07 05:01:41.9 UTC [11] LOG:  database system is shut down\n")
+    assert pitr._recovery_error(restored.last_fatal()) is pitr.PitrError
+    assert restored.last_fatal() == "LOG:  database system is shut down"  # the last word of this start
