@@ -16,10 +16,10 @@ $(STAMP): pyproject.toml
 demo: $(STAMP)
 	@$(BIN)/python -m demo
 
-# Three workers on a two-CPU machine: the end-to-end tests spend much of their time waiting on
-# schedules, alerts and leases, and a third worker uses that time (937 s -> 775 s measured).
+# Two workers on the two-CPU CI machine. Three were faster (775-844 s against 937 s), but a
+# saturated CPU made the end-to-end tests time out (ephemeral servers, browser clicks).
 test: $(STAMP)
-	@$(BIN)/python -m pytest -q -n 3 --dist loadfile
+	@$(BIN)/python -m pytest -q -n 2 --dist loadfile
 
 bench: $(STAMP)
 	@$(BIN)/python benchmarks/backup_restore.py
