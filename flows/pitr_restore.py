@@ -19,7 +19,7 @@ from tasks import pitr, pitr_switch
 from tasks.approval import WAIT_SECONDS, NotApproved, approve
 from tasks.config import load_settings
 from tasks.notify import Severity
-from tasks.pitr import PitrError, Restored, RestorePlan, Stanza, Target
+from tasks.pitr import Restored, RestorePlan, Stanza, Target
 from tasks.pitr_checks import ClusterCheck, amcheck_cluster, check_cluster
 from tasks.postgres import Database
 from tasks.report import RunReport, first_line, human_bytes, utc
@@ -257,12 +257,7 @@ def switch_production(run: RunReport, db: Database, stanza: Stanza, restored: Re
                 moved_old = True
             restored.data_dir.rename(cfg.data_dir)
             moved_new = True
-            pitr.control(cfg, "start", bin_dir)
-            pitr.wake_checkpointer(db.dsn)
-            with psycopg.connect(pitr.cluster_dsn(db.dsn, cfg.port), autocommit=True) as conn:
-                recovering = conn.execute("SELECT pg_is_in_recovery()").fetchone()[0]  # type: ignore[index]
-            if recovering:
-                raise PitrError("production came back still in recovery")
+            pitr_switch.start_production(cfg, bin_dir, db.dsn)
             pitr_switch.end(cfg)
         except BaseException:
             _undo_switch(run, cfg, bin_dir, restored, kept, moved_old, moved_new)

@@ -53,6 +53,10 @@ class SwitchRecord(BaseModel):
     restored: str | None = None  # the restored data directory that replaces it
     undoing: bool = False  # the switch failed and is being undone: settle undoes it too
 
+    @property
+    def who(self) -> str:
+        return f"the switch of run {self.run} (started {utc(self.started_at)})"
+
     def writer_alive(self) -> bool:
         return (self.host == socket.gethostname() and self.pid_started is not None
                 and _process_start(self.pid) == self.pid_started)
@@ -104,7 +108,7 @@ def settle(cfg: PitrConfig, bin_dir: Path, dsn: str) -> list[str]:
     record = read(cfg)
     if record is None:
         return []
-    who = f"the switch of run {record.run} (started {utc(record.started_at)})"
+    who = record.who
     if record.writer_alive():
         raise PitrError(f"{who} is still running as pid {record.pid} although its slot was freed; "
                         "its directories were not touched")
@@ -134,15 +138,26 @@ def settle(cfg: PitrConfig, bin_dir: Path, dsn: str) -> list[str]:
         done.append(f"{who} had not switched: production's own data directory is unchanged"
                     + (f"; the restored cluster is kept in {restored}" if restored and restored.exists() else ""))
     if not running(cfg, bin_dir):
-        pitr.control(cfg, "start", bin_dir)
-        pitr.wake_checkpointer(pitr.cluster_dsn(dsn, cfg.port))
+        start_production(cfg, bin_dir, dsn)
         done.append(f"started production on port {cfg.port}")
-    with psycopg.connect(pitr.cluster_dsn(dsn, cfg.port), autocommit=True, connect_timeout=30) as conn:
-        if conn.execute("SELECT pg_is_in_recovery()").fetchone()[0]:  # type: ignore[index]
-            raise PitrError(f"production came back still in recovery after settling {who}; "
-                            f"the record {record_path(cfg)} stays")
+    else:
+        check_primary(cfg, dsn)
     end(cfg)
     return done
+
+
+def start_production(cfg: PitrConfig, bin_dir: Path, dsn: str) -> None:
+    """Start production with its own control, wake its checkpointer, and check that it is
+    a primary (a switch or a settled one must not leave it in recovery)."""
+    pitr.control(cfg, "start", bin_dir)
+    pitr.wake_checkpointer(pitr.cluster_dsn(dsn, cfg.port))
+    check_primary(cfg, dsn)
+
+
+def check_primary(cfg: PitrConfig, dsn: str) -> None:
+    with psycopg.connect(pitr.cluster_dsn(dsn, cfg.port), autocommit=True, connect_timeout=30) as conn:
+        if conn.execute("SELECT pg_is_in_recovery()").fetchone()[0]:  # type: ignore[index]
+            raise PitrError("production came back still in recovery")
 
 
 def describe(cfg: PitrConfig) -> str | None:
@@ -150,7 +165,7 @@ def describe(cfg: PitrConfig) -> str | None:
     record = read(cfg)
     if record is None:
         return None
-    return (f"the switch of run {record.run} (started {utc(record.started_at)}) did not finish; the next PITR "
+    return (f"{record.who} did not finish; the next PITR "
             f"run or `runbooks recovery cleanup` settles it (production's directory kept: "
             f"{record.kept or 'none, it was already gone'}; "
             f"restored: {record.restored or 'none yet'})")
